@@ -1,0 +1,43 @@
+"""torchopt_metagrad: swap the rule that computes a meta-gradient by changing one argument.
+
+Usage::
+
+    import torchopt_metagrad as tmg
+
+    adapted = tmg.adapt(loss_fn, dict(model.named_parameters()), (x, y),
+                        steps=5, lr=0.01, rule=tmg.Binomial(2))
+    outer_loss(adapted).backward()   # the rule's meta-gradient lands on .grad
+"""
+
+from torchopt_metagrad.errors import NonFiniteError, VectorizationFallbackWarning
+from torchopt_metagrad.functional import adapt
+from torchopt_metagrad.rules import (
+    AbstractRule,
+    Binomial,
+    Exact,
+    FirstOrder,
+    Truncated,
+    Unrolled,
+    available_rules,
+    make_rule,
+    register,
+    rule_class,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbstractRule",
+    "Binomial",
+    "Exact",
+    "FirstOrder",
+    "NonFiniteError",
+    "Truncated",
+    "Unrolled",
+    "VectorizationFallbackWarning",
+    "adapt",
+    "available_rules",
+    "make_rule",
+    "register",
+    "rule_class",
+]

@@ -1,0 +1,23 @@
+"""Exceptions raised by torchopt_metagrad."""
+
+from __future__ import annotations
+
+__all__ = ["NonFiniteError", "VectorizationFallbackWarning"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or infinity appeared in the inner loop or in a meta-gradient.
+
+    The message names where it first appeared (the inner step, and for batched
+    rules the stage), so the cause can be found instead of being passed on to the
+    outer optimizer.
+    """
+
+
+class VectorizationFallbackWarning(UserWarning):
+    """A batched (``torch.func.vmap``) Hessian-vector product fell back to a loop.
+
+    Emitted once per reason, e.g. for a model that updates buffers in place (batch
+    norm with running statistics) or per-step batches of different shapes. The
+    result is the same; only the speed differs.
+    """

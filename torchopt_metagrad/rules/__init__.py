@@ -1,0 +1,28 @@
+"""Meta-gradient rules, found by name in one registry."""
+
+from torchopt_metagrad.rules.base import (
+    AbstractRule,
+    StepJacobians,
+    available_rules,
+    make_rule,
+    register,
+    rule_class,
+)
+from torchopt_metagrad.rules.binomial import Binomial
+from torchopt_metagrad.rules.first_order import FirstOrder
+from torchopt_metagrad.rules.truncated import Exact, Truncated
+from torchopt_metagrad.rules.unrolled import Unrolled
+
+__all__ = [
+    "AbstractRule",
+    "Binomial",
+    "Exact",
+    "FirstOrder",
+    "StepJacobians",
+    "Truncated",
+    "Unrolled",
+    "available_rules",
+    "make_rule",
+    "register",
+    "rule_class",
+]
