@@ -258,7 +258,7 @@ def explicit_hessians(problem: Problem, params_traj: Sequence[torch.Tensor]) -> 
     out = []
     for k in range(problem.steps):
         H = torch.autograd.functional.hessian(
-            lambda v, k=k: problem.inner_loss_flat(v, k), params_traj[k].detach()
+            lambda v, k=k: problem.inner_loss_flat(v, k), params_traj[k].detach(), vectorize=True
         )
         out.append(H.detach())
     return out
@@ -267,11 +267,14 @@ def explicit_hessians(problem: Problem, params_traj: Sequence[torch.Tensor]) -> 
 def explicit_step_jacobians(
     problem: Problem, smap: StepMap, traj: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """``J_k = dS_k/dz`` at ``z_k`` as dense matrices, k = 0..K-1."""
+    """``J_k = dS_k/dz`` at ``z_k`` as dense matrices, k = 0..K-1.
+
+    (``vectorize=True`` only batches the row-by-row vector-Jacobian products with vmap.)
+    """
     out = []
     for k in range(problem.steps):
         J = torch.autograd.functional.jacobian(
-            lambda z, k=k: smap.step(problem, k, z), traj[k].detach()
+            lambda z, k=k: smap.step(problem, k, z), traj[k].detach(), vectorize=True
         )
         out.append(J.detach())
     return out
@@ -345,7 +348,7 @@ class Oracle:
     Js: list[torch.Tensor]  # step Jacobians
     As: list[torch.Tensor]  # J_k^T - I
     v: torch.Tensor  # (g, 0)
-    hessians: list[torch.Tensor] | None = None  # GD only
+    hessians: list[torch.Tensor] | None = None  # only from build_gd_oracle_from_hessians
 
     @property
     def d(self) -> int:
@@ -392,10 +395,7 @@ def build_oracle(problem: Problem, smap: StepMap) -> Oracle:
     As = [J.T - _eye(n) for J in Js]
     g = outer_grad(problem, traj[-1][: problem.dim])
     v = torch.cat([g, torch.zeros(n - problem.dim, dtype=DTYPE)])
-    hessians = None
-    if smap.name == "gd":
-        hessians = explicit_hessians(problem, [z[: problem.dim] for z in traj])
-    return Oracle(problem, smap, traj, Js, As, v, hessians)
+    return Oracle(problem, smap, traj, Js, As, v)
 
 
 def build_gd_oracle_from_hessians(problem: Problem, lr: float) -> Oracle:

@@ -48,7 +48,7 @@ def test_registry_names_every_rule():
     }
     assert tmg.make_rule("binomial", order=3) == tmg.Binomial(3)
     assert tmg.rule_class("exact") is tmg.Exact
-    with pytest.raises(ValueError, match="unknown rule 'nope'.*binomial"):
+    with pytest.raises(ValueError, match=r"unknown rule 'nope'.*binomial"):
         tmg.make_rule("nope")
 
 

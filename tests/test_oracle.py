@@ -161,8 +161,8 @@ def test_oracle_self_gd_hessian_form_matches_step_jacobian_form(K, mode):
     """For GD, A_k = -lr H_k (explicit Hessians) agrees with J_k^T - I (explicit Jacobians)."""
     orc_j = oracle("gd", K, mode)
     orc_h = oracles.build_gd_oracle_from_hessians(problem(K, mode), GD_LR)
-    assert orc_j.hessians is not None
-    for A_j, A_h, H in zip(orc_j.As, orc_h.As, orc_j.hessians, strict=True):
+    assert orc_h.hessians is not None
+    for A_j, A_h, H in zip(orc_j.As, orc_h.As, orc_h.hessians, strict=True):
         assert_close(A_j, A_h, 1e-12, "J^T - I vs -lr H")
         assert_close(H, H.T, 1e-13, "Hessian symmetry")
     for L in range(K + 1):
