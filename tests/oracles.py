@@ -295,17 +295,19 @@ def _eye(n: int) -> torch.Tensor:
     return torch.eye(n, dtype=DTYPE)
 
 
-def binomial_by_enumeration(As: Sequence[torch.Tensor], v: torch.Tensor, order: int) -> torch.Tensor:
+def binomial_by_enumeration(
+    As: Sequence[torch.Tensor], v: torch.Tensor, order: int
+) -> torch.Tensor:
     """``sum_{l=0}^{order} sum_{k_1<...<k_l} A_{k_1} A_{k_2} ... A_{k_l} v`` by enumeration."""
     K = len(As)
-    n = v.numel()
     total = torch.zeros_like(v)
     for l in range(min(order, K) + 1):
         for subset in itertools.combinations(range(K), l):
-            M = _eye(n)
-            for k in subset:  # increasing order, left to right
-                M = M @ As[k]
-            total = total + M @ v
+            # A_{k_1} (A_{k_2} (... (A_{k_l} v))): each term from scratch, nothing shared
+            term = v
+            for k in reversed(subset):
+                term = As[k] @ term
+            total = total + term
     return total
 
 
@@ -362,17 +364,28 @@ class Oracle:
     def g(self) -> torch.Tensor:
         return self.v[: self.d]
 
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def _memo(self, key: tuple, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key].clone()
+
     def first_order(self) -> torch.Tensor:
         return self.g.clone()
 
     def binomial(self, order: int) -> torch.Tensor:
-        return binomial_by_enumeration(self.As, self.v, order)[: self.d]
+        return self._memo(
+            ("binomial", order), lambda: binomial_by_enumeration(self.As, self.v, order)[: self.d]
+        )
 
     def truncated(self, order: int) -> torch.Tensor:
-        return truncated_product(self.As, self.v, order)[: self.d]
+        return self._memo(
+            ("truncated", order), lambda: truncated_product(self.As, self.v, order)[: self.d]
+        )
 
     def exact(self) -> torch.Tensor:
-        return exact_product(self.Js, self.v)[: self.d]
+        return self._memo(("exact",), lambda: exact_product(self.Js, self.v)[: self.d])
 
     def estimate(self, rule: str, order: int | None = None) -> torch.Tensor:
         if rule == "first_order":

@@ -8,11 +8,13 @@ meta-gradient estimates against the oracle with relative error <= 1e-10.
 from __future__ import annotations
 
 import functools
+
 import pytest
 import torch
 import torchopt
 
 import torchopt_metagrad as tmg
+
 try:
     from tests import oracles
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
@@ -34,6 +36,15 @@ OPTIMIZERS = ("momentum", "adam")
 # --------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Everything here is tiny (<= 114 x 114): intra-op threads only add contention."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def step_map(kind: str) -> oracles.StepMap:
     if kind == "gd":
         return oracles.gd_map(GD_LR)
@@ -53,14 +64,14 @@ def make_torchopt(kind: str) -> torchopt.base.GradientTransformation:
     raise ValueError(kind)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def problem(steps: int, mode: str, activation: str = "tanh") -> oracles.Problem:
     return oracles.make_problem(
         steps, per_step_batches=(mode == "per_step_batches"), activation=activation, seed=steps
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def oracle(kind: str, steps: int, mode: str, activation: str = "tanh") -> oracles.Oracle:
     return oracles.build_oracle(problem(steps, mode, activation), step_map(kind))
 
@@ -87,7 +98,11 @@ def make_rule(rule: str, order: int | None) -> object:
 
 
 def run_library(
-    prob: oracles.Problem, rule: object, *, lr: float | None = None, optimizer_kind: str | None = None
+    prob: oracles.Problem,
+    rule: object,
+    *,
+    lr: float | None = None,
+    optimizer_kind: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Call ``tmg.adapt`` the way a user would; returns (adapted params, flat meta-gradient)."""
     params = prob.fresh_params()
@@ -294,7 +309,9 @@ def test_library_full_order_rules_agree(kind, K, mode):
 def test_library_unrolled_equals_handwritten_autograd_loop(K, mode):
     prob = problem(K, mode)
     _, est = run_library(prob, tmg.Unrolled(), lr=GD_LR)
-    assert_close(est, oracles.autograd_through_dict_gd_loop(prob, GD_LR), what="Unrolled vs hand loop")
+    assert_close(
+        est, oracles.autograd_through_dict_gd_loop(prob, GD_LR), what="Unrolled vs hand loop"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -318,3 +335,61 @@ def test_library_optimizer_unrolled_equals_autograd_through_torchopt(kind, K, mo
     _, est = run_library(prob, tmg.Unrolled(), optimizer_kind=kind)
     ref = oracles.torchopt_unrolled(prob, lambda: make_torchopt(kind))["metagrad"]
     assert_close(est, ref, what=f"{kind} Unrolled vs autograd through torchopt")
+
+
+# --------------------------------------------------------------------------------------
+# library: registry names, knobs and batch plumbing against the same oracle
+# --------------------------------------------------------------------------------------
+
+REGISTRY_CASES = [
+    ("first_order", {}, "first_order", None),
+    ("truncated", {"order": 2}, "truncated", 2),
+    ("binomial", {"order": 2}, "binomial", 2),
+    ("exact", {}, "exact", None),
+    ("unrolled", {}, "unrolled", None),
+]
+
+
+@pytest.mark.parametrize("kind", ("gd", "adam"))
+@pytest.mark.parametrize(
+    ("name", "knobs", "rule", "order"), REGISTRY_CASES, ids=[c[0] for c in REGISTRY_CASES]
+)
+def test_library_make_rule_by_name_matches_oracle(kind, name, knobs, rule, order):
+    assert name in tmg.available_rules()
+    orc = oracle(kind, 3, "per_step_batches")
+    kw: dict = {"lr": GD_LR} if kind == "gd" else {"optimizer_kind": kind}
+    _, est = run_library(orc.problem, tmg.make_rule(name, **knobs), **kw)
+    assert_close(est, orc.estimate(rule, order), what=f"make_rule({name!r}, {knobs}) {kind}")
+
+
+@pytest.mark.parametrize("kind", ("gd", "momentum"))
+@pytest.mark.parametrize("order", (2, 4))
+@pytest.mark.parametrize(
+    "knobs",
+    [{"vectorize": False}, {"chunk_size": 1}, {"chunk_size": 2}],
+    ids=["loop", "chunk1", "chunk2"],
+)
+def test_library_binomial_knobs_do_not_change_the_estimate(kind, order, knobs):
+    orc = oracle(kind, 5, "per_step_batches")
+    kw: dict = {"lr": GD_LR} if kind == "gd" else {"optimizer_kind": kind}
+    _, est = run_library(orc.problem, tmg.Binomial(order, **knobs), **kw)
+    assert_close(est, orc.binomial(order), what=f"Binomial({order}, {knobs}) {kind}")
+
+
+@pytest.mark.parametrize("rule", ("binomial", "truncated", "exact"))
+def test_library_batches_list_of_one_batch_equals_single_batch(rule):
+    """``batches=[b] * K`` and ``batch=b`` are the same problem."""
+    K = 3
+    orc = oracle("gd", K, "same_batch")
+    prob = orc.problem
+    params = prob.fresh_params()
+    adapted = tmg.adapt(
+        prob.inner_loss,
+        params,
+        batches=[prob.inner_batches[0]] * K,
+        steps=K,
+        lr=GD_LR,
+        rule=make_rule(rule, 2),
+    )
+    est = prob.flatten(torch.autograd.grad(prob.outer_loss(adapted), list(params.values())))
+    assert_close(est, orc.estimate(rule, 2), what=f"{rule} with batches=[b]*K")
