@@ -1,0 +1,89 @@
+"""How far each meta-gradient rule is from the exact one, on sine regression.
+
+Samples sine tasks (amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5]), adapts the
+MLP 1-40-40-1 (ReLU, PyTorch's default initialization) for K inner steps of
+gradient descent with every rule, and prints the mean relative error and cosine
+similarity of each rule's meta-gradient against ``tmg.Exact()``, plus the time
+each rule took. Runs in well under a minute on a 2-core CPU.
+
+    python examples/sine_rule_errors.py [--steps 5] [--lr 0.003] [--tasks 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+from torch import nn
+
+import torchopt_metagrad as tmg
+
+
+def sample_task(gen: torch.Generator, shots: int) -> tuple[tuple[torch.Tensor, ...], ...]:
+    amplitude = 0.1 + 4.9 * torch.rand((), generator=gen)
+    phase = math.pi * torch.rand((), generator=gen)
+
+    def points() -> tuple[torch.Tensor, torch.Tensor]:
+        x = 10 * torch.rand(shots, 1, generator=gen) - 5
+        return x, amplitude * torch.sin(x + phase)
+
+    return points(), points()
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="inner steps K")
+    parser.add_argument("--lr", type=float, default=0.003, help="inner step size")
+    parser.add_argument("--tasks", type=int, default=20, help="tasks to average over")
+    parser.add_argument("--shots", type=int, default=10, help="points per inner/outer batch")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    params = dict(net.named_parameters())
+
+    def loss_fn(p: dict[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor]):
+        x, y = batch
+        return nn.functional.mse_loss(torch.func.functional_call(net, p, (x,)), y)
+
+    K = args.steps
+    rules: dict[str, tmg.AbstractRule] = {"FirstOrder": tmg.FirstOrder()}
+    for order in range(1, K):
+        rules[f"Truncated({order})"] = tmg.Truncated(order)
+        rules[f"Binomial({order})"] = tmg.Binomial(order)
+    rules["Unrolled"] = tmg.Unrolled()
+
+    def meta_gradient(rule: tmg.AbstractRule, task) -> torch.Tensor:
+        inner, outer = task
+        adapted = tmg.adapt(loss_fn, params, inner, steps=K, lr=args.lr, rule=rule)
+        grads = torch.autograd.grad(loss_fn(adapted, outer), list(params.values()))
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    gen = torch.Generator().manual_seed(args.seed)
+    tasks = [sample_task(gen, args.shots) for _ in range(args.tasks)]
+    stats = {name: {"rel_error": 0.0, "cosine": 0.0, "seconds": 0.0} for name in rules}
+    for task in tasks:
+        exact = meta_gradient(tmg.Exact(), task)
+        for name, rule in rules.items():
+            start = time.perf_counter()
+            estimate = meta_gradient(rule, task)
+            stats[name]["seconds"] += (time.perf_counter() - start) / len(tasks)
+            stats[name]["rel_error"] += float((estimate - exact).norm() / exact.norm()) / len(tasks)
+            cos = nn.functional.cosine_similarity(estimate, exact, dim=0)
+            stats[name]["cosine"] += float(cos) / len(tasks)
+
+    print(f"sine regression, MLP 1-40-40-1, K={K}, lr={args.lr}, {args.tasks} tasks, "
+          f"{args.shots} shots; error of each rule against tmg.Exact()")
+    print(f"| {'rule':<13} | {'mean rel. error':>15} | {'mean cosine':>11} | {'ms / task':>9} |")
+    print(f"|{'-' * 15}|{'-' * 17}|{'-' * 13}|{'-' * 11}|")
+    for name, s in stats.items():
+        print(f"| {name:<13} | {s['rel_error']:>15.3e} | {s['cosine']:>11.6f} | "
+              f"{1e3 * s['seconds']:>9.1f} |")
+    return stats
+
+
+if __name__ == "__main__":
+    main()
