@@ -3,8 +3,8 @@
 Samples sine tasks (amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5]), adapts the
 MLP 1-40-40-1 (ReLU, PyTorch's default initialization) for K inner steps of
 gradient descent with every rule, and prints the mean relative error and cosine
-similarity of each rule's meta-gradient against ``tmg.Exact()``, plus the time
-each rule took. Runs in well under a minute on a 2-core CPU.
+similarity of each rule's meta-gradient against ``tmg.Exact()``. Runs in well
+under a minute on a 2-core CPU. For time and memory, see benchmarks/bench_rules.py.
 
     python examples/sine_rule_errors.py [--steps 5] [--lr 0.003] [--tasks 20]
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
 from torch import nn
@@ -64,24 +63,23 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     gen = torch.Generator().manual_seed(args.seed)
     tasks = [sample_task(gen, args.shots) for _ in range(args.tasks)]
-    stats = {name: {"rel_error": 0.0, "cosine": 0.0, "seconds": 0.0} for name in rules}
+    stats = {name: {"rel_error": 0.0, "cosine": 0.0} for name in rules}
     for task in tasks:
         exact = meta_gradient(tmg.Exact(), task)
         for name, rule in rules.items():
-            start = time.perf_counter()
             estimate = meta_gradient(rule, task)
-            stats[name]["seconds"] += (time.perf_counter() - start) / len(tasks)
             stats[name]["rel_error"] += float((estimate - exact).norm() / exact.norm()) / len(tasks)
             cos = nn.functional.cosine_similarity(estimate, exact, dim=0)
             stats[name]["cosine"] += float(cos) / len(tasks)
 
-    print(f"sine regression, MLP 1-40-40-1, K={K}, lr={args.lr}, {args.tasks} tasks, "
-          f"{args.shots} shots; error of each rule against tmg.Exact()")
-    print(f"| {'rule':<13} | {'mean rel. error':>15} | {'mean cosine':>11} | {'ms / task':>9} |")
-    print(f"|{'-' * 15}|{'-' * 17}|{'-' * 13}|{'-' * 11}|")
+    print(
+        f"sine regression, MLP 1-40-40-1, K={K}, lr={args.lr}, {args.tasks} tasks, "
+        f"{args.shots} shots; error of each rule against tmg.Exact()"
+    )
+    print(f"| {'rule':<13} | {'mean rel. error':>15} | {'mean cosine':>11} |")
+    print(f"|{'-' * 15}|{'-' * 17}|{'-' * 13}|")
     for name, s in stats.items():
-        print(f"| {name:<13} | {s['rel_error']:>15.3e} | {s['cosine']:>11.6f} | "
-              f"{1e3 * s['seconds']:>9.1f} |")
+        print(f"| {name:<13} | {s['rel_error']:>15.3e} | {s['cosine']:>11.6f} |")
     return stats
 
 
