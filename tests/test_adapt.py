@@ -11,8 +11,8 @@ import torchopt
 from conftest import TinyRegression
 
 import torchopt_metagrad as tmg
-from torchopt_metagrad.bridge import MetaGradientBridge
-from torchopt_metagrad.functional import _check_params, _make_schedule, _make_step_map
+from torchopt_metagrad.bridge import MetaGradientBridge, discrete_runner
+from torchopt_metagrad.functional import _make_schedule, _make_step_map, check_params
 from torchopt_metagrad.trajectory import InnerProblem
 
 ALL_RULES = [
@@ -120,7 +120,7 @@ def test_outer_loss_that_also_uses_theta_adds_direct_path(problem):
 def test_gradcheck_on_the_bridge(rule, inner):
     """The bridge's backward is the derivative of its forward for the exact rules."""
     p = TinyRegression(seed=1)
-    spec = _check_params(p.params)
+    spec = check_params(p.params)
     kw = {"lr": 0.1, "optimizer": None}
     if inner == "momentum":
         kw = {"lr": None, "optimizer": torchopt.sgd(0.1, momentum=0.9)}
@@ -134,7 +134,8 @@ def test_gradcheck_on_the_bridge(rule, inner):
     )
     leaves = tuple(t.detach().clone().requires_grad_() for t in p.params.values())
     assert torch.autograd.gradcheck(
-        lambda *theta: MetaGradientBridge.apply(problem, rule, *theta), leaves
+        lambda *theta: MetaGradientBridge.apply(discrete_runner(problem, rule), rule, *theta),
+        leaves,
     )
 
 

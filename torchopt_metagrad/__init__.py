@@ -9,13 +9,22 @@ Usage::
     outer_loss(adapted).backward()   # the rule's meta-gradient lands on .grad
 """
 
-from torchopt_metagrad.errors import NonFiniteError, VectorizationFallbackWarning
+from torchopt_metagrad.errors import (
+    NonFiniteError,
+    ODESolveError,
+    SolverWarning,
+    VectorizationFallbackWarning,
+)
+from torchopt_metagrad.flow import adjoint, flow, implicit
 from torchopt_metagrad.functional import adapt
 from torchopt_metagrad.rules import (
     AbstractRule,
+    Adjoint,
     Binomial,
+    CGInfo,
     Exact,
     FirstOrder,
+    ImplicitCG,
     Truncated,
     Unrolled,
     available_rules,
@@ -28,15 +37,23 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AbstractRule",
+    "Adjoint",
     "Binomial",
+    "CGInfo",
     "Exact",
     "FirstOrder",
+    "ImplicitCG",
     "NonFiniteError",
+    "ODESolveError",
+    "SolverWarning",
     "Truncated",
     "Unrolled",
     "VectorizationFallbackWarning",
     "adapt",
+    "adjoint",
     "available_rules",
+    "flow",
+    "implicit",
     "make_rule",
     "register",
     "rule_class",

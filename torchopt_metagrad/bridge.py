@@ -10,6 +10,7 @@ derivatives of the meta-gradient use ``Unrolled``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,21 +18,29 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from torchopt_metagrad.rules.base import AbstractRule, ensure_finite
-from torchopt_metagrad.trajectory import InnerProblem, run_inner_loop
+from torchopt_metagrad.trajectory import InnerProblem, Trajectory, run_inner_loop
 
-__all__ = ["MetaGradientBridge"]
+__all__ = ["MetaGradientBridge", "Runner", "discrete_runner"]
+
+#: Runs an inner problem from flat initial parameters without a graph:
+#: ``theta -> (z_final, trajectory)``.
+Runner = Callable[[Tensor], tuple[Tensor, Trajectory]]
+
+
+def discrete_runner(problem: InnerProblem, rule: AbstractRule) -> Runner:
+    """The runner of ``tmg.adapt``: K discrete steps, storing what ``rule`` needs."""
+    first = rule.first_step_needed(problem.steps)
+    return lambda theta: run_inner_loop(problem, theta, first)
 
 
 class MetaGradientBridge(torch.autograd.Function):
-    """``(problem, rule, *theta) -> phi_K``; backward runs ``rule.meta_gradient``."""
+    """``(runner, rule, *theta) -> phi_K``; backward runs ``rule.meta_gradient``."""
 
     @staticmethod
-    def forward(
-        ctx: Any, problem: InnerProblem, rule: AbstractRule, *theta: Tensor
-    ) -> tuple[Tensor, ...]:
-        spec = problem.spec
-        z0 = spec.flatten([t.detach() for t in theta])
-        z_final, trajectory = run_inner_loop(problem, z0, rule.first_step_needed(problem.steps))
+    def forward(ctx: Any, runner: Runner, rule: AbstractRule, *theta: Tensor) -> tuple[Tensor, ...]:
+        z0 = torch.cat([t.detach().reshape(-1) for t in theta])
+        z_final, trajectory = runner(z0)
+        spec = trajectory.problem.spec
         ctx.rule = rule
         ctx.trajectory = trajectory
         return tuple(t.clone() for t in spec.split(z_final[: spec.numel]))
@@ -55,7 +64,7 @@ class MetaGradientBridge(torch.autograd.Function):
                 "params is not finite"
             ),
         )
-        extra = problem.step_map.dim - spec.numel
+        extra = trajectory.snapshots.shape[1] - spec.numel
         if extra:
             g = torch.cat([g, g.new_zeros(extra)])
         meta = ctx.rule.meta_gradient(trajectory, g)[: spec.numel]

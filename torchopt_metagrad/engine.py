@@ -19,6 +19,7 @@ Every second-order rule reduces to ``A_k v``: the VJP of the step increment
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from torchopt_metagrad.steps import Aux
     from torchopt_metagrad.trajectory import InnerProblem
 
-__all__ = ["checked_loss", "vjp_delta", "vjp_delta_many"]
+__all__ = ["checked_loss", "hvp", "vjp_delta", "vjp_delta_many"]
 
 _warned: set[str] = set()
 _NO_BATCH_RULE = "There is a performance drop because we have not yet implemented the batching rule"
@@ -61,21 +62,40 @@ def checked_loss(problem: InnerProblem, params_flat: Tensor, k: int) -> Tensor:
     return loss.reshape(())
 
 
-def vjp_delta(problem: InnerProblem, z: Tensor, aux: Aux, k: int, v: Tensor) -> Tensor:
-    """``A_k v``: the VJP of the increment of step ``k`` at snapshot ``z`` (one graph)."""
-    step_map = problem.step_map
+def _pullback_one(
+    problem: InnerProblem,
+    z: Tensor,
+    batch: Any,
+    v: Tensor,
+    out_fn: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """VJP with ``v`` of ``z -> out_fn(z, grad loss(z[:P]))`` at ``z``, by double backward."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
-        params = z[: step_map.param_dim]
-        loss = problem.loss(params, problem.schedule.at(k))
+        params = z[: problem.spec.numel]
+        loss = problem.loss(params, batch)
         (grad,) = torch.autograd.grad(loss, params, create_graph=True)
-        delta = step_map.delta(z, grad, aux)
-        (out,) = torch.autograd.grad(delta, z, v, allow_unused=True, materialize_grads=True)
+        (out,) = torch.autograd.grad(
+            out_fn(z, grad), z, v, allow_unused=True, materialize_grads=True
+        )
     return out.detach()
 
 
+def vjp_delta(problem: InnerProblem, z: Tensor, aux: Aux, k: int, v: Tensor) -> Tensor:
+    """``A_k v``: the VJP of the increment of step ``k`` at snapshot ``z`` (one graph)."""
+    step_map = problem.require_step_map()
+    return _pullback_one(
+        problem, z, problem.schedule.at(k), v, lambda z_, g: step_map.delta(z_, g, aux)
+    )
+
+
+def hvp(problem: InnerProblem, params: Tensor, batch: Any, v: Tensor) -> Tensor:
+    """``H v``, the Hessian of the plain inner loss (no proximal term) at ``params``."""
+    return _pullback_one(problem, params, batch, v, lambda _, g: g)
+
+
 def _functional_vjp(problem: InnerProblem, z: Tensor, aux: Aux, batch: Any, v: Tensor) -> Tensor:
-    step_map = problem.step_map
+    step_map = problem.require_step_map()
 
     def increment(z_: Tensor) -> Tensor:
         params = z_[: step_map.param_dim]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteError", "VectorizationFallbackWarning"]
+__all__ = ["NonFiniteError", "ODESolveError", "SolverWarning", "VectorizationFallbackWarning"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -21,3 +21,11 @@ class VectorizationFallbackWarning(UserWarning):
     norm with running statistics) or per-step batches of different shapes. The
     result is the same; only the speed differs.
     """
+
+
+class SolverWarning(UserWarning):
+    """An iterative solve inside a rule stopped before reaching its tolerance."""
+
+
+class ODESolveError(RuntimeError):
+    """A torchdiffeq solve failed (e.g. step size underflow); says which solve and when."""

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from torchopt_metagrad._flat import FlatSpec
-from torchopt_metagrad.bridge import MetaGradientBridge
+from torchopt_metagrad.bridge import MetaGradientBridge, discrete_runner
 from torchopt_metagrad.engine import checked_loss
 from torchopt_metagrad.rules.base import AbstractRule
 from torchopt_metagrad.steps import AbstractStepMap, GradientDescent, OptimizerStep
@@ -53,7 +53,9 @@ def adapt(
         batches: alternatively, exactly ``steps`` batches, one per step.
         steps: number of inner steps K >= 1.
         lr: inner gradient-descent step size > 0 (leave ``None`` with ``optimizer``).
-        rule: how to compute the meta-gradient, e.g. ``tmg.Binomial(2)``.
+        rule: how to compute the meta-gradient, e.g. ``tmg.Binomial(2)``. A rule
+            that declares a proximal term (``tmg.ImplicitCG(reg)``) adds
+            ``reg/2 * ||phi - theta||^2`` to the inner loss of every step.
         optimizer: a torchopt functional optimizer (``torchopt.sgd(0.1,
             momentum=0.9)``, ``torchopt.adam(1e-3)``, ...) instead of plain
             gradient descent; the rules then use VJPs of the whole step map
@@ -67,30 +69,40 @@ def adapt(
         NonFiniteError: the inner loss or gradient (forward), or the
             meta-gradient (backward), is not finite; the message names the step.
     """
-    spec = _check_params(params)
+    spec = check_params(params)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     _check_steps(steps)
     steps = int(steps)
-    step_map = _make_step_map(lr, optimizer, spec)
-    if not isinstance(rule, AbstractRule):
-        raise TypeError(
-            f"rule must be a meta-gradient rule such as tmg.Exact() or tmg.Binomial(2), "
-            f"got {rule!r}"
-        )
+    check_rule(rule)
     rule.validate(steps)
+    if batches is not None and not rule.supports_per_step_batches:
+        raise ValueError(
+            f"{type(rule).__name__} differentiates the solution of one inner objective; give "
+            "one batch (batch=...), not per-step batches"
+        )
+    step_map = _make_step_map(lr, optimizer, spec, rule.proximal_reg)
     problem = InnerProblem(loss_fn, spec, step_map, _make_schedule(batch, batches, steps))
     leaves = list(params.values())
     if rule.differentiates_through_loop:
         adapted = _unrolled(problem, leaves)
     else:
-        adapted = list(MetaGradientBridge.apply(problem, rule, *leaves))
+        adapted = list(MetaGradientBridge.apply(discrete_runner(problem, rule), rule, *leaves))
     return dict(zip(spec.names, adapted, strict=True))
+
+
+def check_rule(rule: Any) -> None:
+    """Raise ``TypeError`` unless ``rule`` is a meta-gradient rule object."""
+    if not isinstance(rule, AbstractRule):
+        raise TypeError(
+            f"rule must be a meta-gradient rule such as tmg.Exact() or tmg.Binomial(2), "
+            f"got {rule!r}"
+        )
 
 
 def _unrolled(problem: InnerProblem, leaves: list[Tensor]) -> list[Tensor]:
     """The inner loop with its whole graph kept (rule ``Unrolled``)."""
-    step_map = problem.step_map
+    step_map = problem.require_step_map()
     with torch.enable_grad():
         z, aux = step_map.init_state(problem.spec.flatten(leaves))
         for k in range(problem.steps):
@@ -113,7 +125,7 @@ def _finite_hook(k: int) -> Callable[[Tensor], None]:
     return hook
 
 
-def _check_params(params: Any) -> FlatSpec:
+def check_params(params: Any) -> FlatSpec:
     if not isinstance(params, Mapping):
         raise TypeError(
             "params must be a dict of named tensors, e.g. dict(model.named_parameters()), "
@@ -151,7 +163,9 @@ def _check_steps(steps: Any) -> None:
         raise ValueError(f"steps must be >= 1, got {steps}")
 
 
-def _make_step_map(lr: Any, optimizer: Any, spec: FlatSpec) -> AbstractStepMap:
+def _make_step_map(
+    lr: Any, optimizer: Any, spec: FlatSpec, proximal: float | None = None
+) -> AbstractStepMap:
     if optimizer is not None:
         if lr is not None:
             raise ValueError(
@@ -166,14 +180,14 @@ def _make_step_map(lr: Any, optimizer: Any, spec: FlatSpec) -> AbstractStepMap:
                 "optimizer must be a torchopt functional optimizer (GradientTransformation "
                 f"with init/update), e.g. torchopt.sgd(0.1, momentum=0.9); got {optimizer!r}"
             )
-        return OptimizerStep(optimizer, spec)
+        return OptimizerStep(optimizer, spec, proximal)
     if lr is None:
         raise TypeError("lr is required (the inner step size) unless optimizer is given")
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"lr must be a float > 0, got {lr!r}")
     if not (float(lr) > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a finite float > 0, got {lr}")
-    return GradientDescent(float(lr), spec.numel)
+    return GradientDescent(float(lr), spec.numel, proximal)
 
 
 def _make_schedule(batch: Any, batches: Sequence[Any] | None, steps: int) -> BatchSchedule:

@@ -13,6 +13,11 @@ gradient descent :math:`A_k v = -\alpha H_k v`.
 
 Integer optimizer state (Adam's step count) is not differentiated: it travels
 beside ``z`` as ``aux``, a tuple of tensors recorded per step.
+
+A step map may carry a proximal term :math:`\frac{r}{2}\|\phi - \theta\|^2` (declared
+by the implicit rule, see :class:`~torchopt_metagrad.ImplicitCG`): it is added to the
+inner-loss gradient before the update, with :math:`\theta` the initial parameters
+taken as a constant.
 """
 
 from __future__ import annotations
@@ -41,6 +46,18 @@ class AbstractStepMap(abc.ABC):
 
     param_dim: int
     dim: int
+    proximal: float | None = None
+    _anchor: Tensor | None = None
+
+    def _with_proximal(self, params: Tensor, grad: Tensor) -> Tensor:
+        if self.proximal is None:
+            return grad
+        assert self._anchor is not None, "init_state sets the proximal anchor"
+        return grad + self.proximal * (params - self._anchor)
+
+    def _set_anchor(self, theta: Tensor) -> None:
+        if self.proximal is not None:
+            self._anchor = theta[: self.param_dim].detach()
 
     @abc.abstractmethod
     def init_state(self, theta: Tensor) -> tuple[Tensor, Aux]:
@@ -61,15 +78,17 @@ class AbstractStepMap(abc.ABC):
 class GradientDescent(AbstractStepMap):
     r"""Plain gradient descent :math:`\phi_{k+1} = \phi_k - \alpha \nabla \ell_k(\phi_k)`."""
 
-    def __init__(self, lr: float, param_dim: int) -> None:
+    def __init__(self, lr: float, param_dim: int, proximal: float | None = None) -> None:
         self.lr = float(lr)
         self.param_dim = self.dim = param_dim
+        self.proximal = proximal
 
     def init_state(self, theta: Tensor) -> tuple[Tensor, Aux]:
+        self._set_anchor(theta)
         return theta, ()
 
     def delta(self, z: Tensor, grad: Tensor, aux: Aux) -> Tensor:
-        return grad * (-self.lr)
+        return self._with_proximal(z, grad) * (-self.lr)
 
     def advance(self, z: Tensor, grad: Tensor, aux: Aux) -> tuple[Tensor, Aux]:
         # Same floating-point operations as torchopt.sgd + apply_updates: p + g * (-lr).
@@ -84,8 +103,9 @@ class OptimizerStep(AbstractStepMap):
     ``inplace=False``, so it is differentiable and safe under ``torch.func``.
     """
 
-    def __init__(self, optimizer: Any, spec: FlatSpec) -> None:
+    def __init__(self, optimizer: Any, spec: FlatSpec, proximal: float | None = None) -> None:
         self.optimizer = optimizer
+        self.proximal = proximal
         self.spec = spec
         self.param_dim = spec.numel
         probe = {
@@ -121,6 +141,7 @@ class OptimizerStep(AbstractStepMap):
         return floats, ints
 
     def init_state(self, theta: Tensor) -> tuple[Tensor, Aux]:
+        self._set_anchor(theta)
         state = self.optimizer.init(self.spec.unflatten(theta.detach()))
         floats, ints = self._split_state(state)
         floats = [t.detach() for t in floats]
@@ -128,7 +149,7 @@ class OptimizerStep(AbstractStepMap):
 
     def _update(self, z: Tensor, grad: Tensor, aux: Aux) -> tuple[Tensor, list[Tensor], Aux]:
         params, state = self._unpack(z, aux)
-        grads = self.spec.unflatten(grad)
+        grads = self.spec.unflatten(self._with_proximal(z[: self.param_dim], grad))
         updates, new_state = self.optimizer.update(grads, state, params=params, inplace=False)
         flat_updates = self.spec.flatten([updates[n] for n in self.spec.names])
         floats, ints = self._split_state(new_state)

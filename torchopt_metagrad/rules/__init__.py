@@ -1,5 +1,6 @@
 """Meta-gradient rules, found by name in one registry."""
 
+from torchopt_metagrad.rules.adjoint import Adjoint
 from torchopt_metagrad.rules.base import (
     AbstractRule,
     StepJacobians,
@@ -10,14 +11,18 @@ from torchopt_metagrad.rules.base import (
 )
 from torchopt_metagrad.rules.binomial import Binomial
 from torchopt_metagrad.rules.first_order import FirstOrder
+from torchopt_metagrad.rules.implicit import CGInfo, ImplicitCG
 from torchopt_metagrad.rules.truncated import Exact, Truncated
 from torchopt_metagrad.rules.unrolled import Unrolled
 
 __all__ = [
     "AbstractRule",
+    "Adjoint",
     "Binomial",
+    "CGInfo",
     "Exact",
     "FirstOrder",
+    "ImplicitCG",
     "StepJacobians",
     "Truncated",
     "Unrolled",

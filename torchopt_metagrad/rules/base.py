@@ -52,6 +52,32 @@ class StepJacobians(Protocol):
         """``A_{start+r} vectors[r]`` for every row ``r``, independent products in one call."""
         ...
 
+    @property
+    def param_dim(self) -> int:
+        """Length of the parameter block at the front of the state."""
+        ...
+
+    @property
+    def time_step(self) -> float | None:
+        """``h`` when snapshot ``k`` samples a gradient flow at ``t = k h``, else ``None``."""
+        ...
+
+    def snapshot(self, k: int) -> Tensor:
+        """The stored state ``z_k``; ``k = K`` is the final state."""
+        ...
+
+    def hvp(self, k: int, v: Tensor) -> Tensor:
+        """``H_k v``: Hessian of the plain inner loss at snapshot ``k`` (parameter space)."""
+        ...
+
+    def hvp_at(self, params: Tensor, v: Tensor, *, k: int = ...) -> Tensor:
+        """``H v`` at arbitrary flat ``params`` (with the batch of step ``k``)."""
+        ...
+
+    def vector_field(self, params: Tensor, *, create_graph: bool = ...) -> Tensor:
+        """The gradient-flow vector field ``-grad l(params)``."""
+        ...
+
 
 @dataclass(frozen=True)
 class AbstractRule(abc.ABC):
@@ -65,6 +91,16 @@ class AbstractRule(abc.ABC):
     #: True for the rule that differentiates through the kept unrolled graph instead
     #: of recomputing step Jacobians from snapshots (the front end then keeps the graph).
     differentiates_through_loop: ClassVar[bool] = False
+    #: False for rules that differentiate the solution of a single inner objective.
+    supports_per_step_batches: ClassVar[bool] = True
+    #: True for rules that need only Hessian-vector products along a gradient flow
+    #: (usable with :func:`tmg.flow`), not the discrete step Jacobians.
+    supports_flow: ClassVar[bool] = False
+
+    @property
+    def proximal_reg(self) -> float | None:
+        """Strength ``r`` of a proximal term ``r/2 ||phi - theta||^2`` the front end must add."""
+        return None
 
     def validate(self, steps: int) -> None:  # noqa: B027 - optional hook
         """Check the knobs against the number of inner steps; raise ``ValueError`` if unfit."""
@@ -75,7 +111,11 @@ class AbstractRule(abc.ABC):
 
     @abc.abstractmethod
     def meta_gradient(self, jac: StepJacobians, g: Tensor) -> Tensor:
-        """The meta-gradient estimate in the inner-state space, given ``g = dL/dz_K``."""
+        """The meta-gradient estimate given ``g = dL/dz_K``.
+
+        Returns a vector whose first ``jac.param_dim`` entries are the estimate
+        (the rest, if any, is the inner-state part and is discarded).
+        """
 
 
 def check_order(order: Any, *, name: str = "order") -> None:
