@@ -45,6 +45,8 @@ def test_registry_names_every_rule():
         "binomial",
         "exact",
         "unrolled",
+        "implicit_cg",
+        "adjoint",
     }
     assert tmg.make_rule("binomial", order=3) == tmg.Binomial(3)
     assert tmg.rule_class("exact") is tmg.Exact
