@@ -25,3 +25,10 @@ def test_sine_rule_errors_demo(capsys):
     for order in (1, 2, 3):
         assert stats[f"Binomial({order})"]["rel_error"] < stats[f"Truncated({order})"]["rel_error"]
     assert stats["FirstOrder"]["rel_error"] > stats["Binomial(1)"]["rel_error"]
+
+
+def test_decorators_example_agrees_with_the_functional_front_end(capsys):
+    result = load("decorators").main()
+    assert "CG took" in capsys.readouterr().out
+    assert result["implicit_vs_adapt"] < 1e-8
+    assert result["adjoint_vs_exact"] < 1e-2
