@@ -393,3 +393,21 @@ def test_cuda_matches_cpu(rule):
     g_gpu = meta_grad(gpu, rule)
     assert g_gpu.device.type == "cuda"
     assert rel(g_gpu.cpu(), g_cpu) < 1e-10
+
+
+def test_snapshots_are_released_after_backward(problem):
+    """The K stored snapshots do not outlive the backward while `adapted` is still alive."""
+    from torchopt_metagrad.diagnostics import LiveMemoryTracker
+
+    steps = 40
+    snapshot_bytes = sum(p.numel() for p in problem.params.values()) * 8 * steps
+    with LiveMemoryTracker() as mem:
+        adapted = tmg.adapt(
+            problem.loss, problem.params, problem.inner, steps=steps, lr=0.1, rule=tmg.Exact()
+        )
+        held = mem.current_bytes
+        problem.loss(adapted, problem.outer).backward()
+        after = mem.current_bytes
+    assert adapted  # still referenced
+    assert held >= snapshot_bytes
+    assert after < snapshot_bytes / 4

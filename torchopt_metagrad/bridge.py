@@ -10,6 +10,7 @@ derivatives of the meta-gradient use ``Unrolled``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,9 @@ def discrete_runner(problem: InnerProblem, rule: AbstractRule) -> Runner:
     return lambda theta: run_inner_loop(problem, theta, first)
 
 
+_RELEASED = torch.empty(0)  # placeholder while the snapshots live in saved_tensors
+
+
 class MetaGradientBridge(torch.autograd.Function):
     """``(runner, rule, *theta) -> phi_K``; backward runs ``rule.meta_gradient``."""
 
@@ -42,13 +46,17 @@ class MetaGradientBridge(torch.autograd.Function):
         z_final, trajectory = runner(z0)
         spec = trajectory.problem.spec
         ctx.rule = rule
-        ctx.trajectory = trajectory
+        # The snapshots go through save_for_backward so autograd frees them after the
+        # backward (unless retain_graph=True), instead of living as long as the outputs.
+        ctx.save_for_backward(trajectory.snapshots)
+        ctx.trajectory = dataclasses.replace(trajectory, snapshots=_RELEASED)
         return tuple(t.clone() for t in spec.split(z_final[: spec.numel]))
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
-        trajectory = ctx.trajectory
+        (snapshots,) = ctx.saved_tensors
+        trajectory = dataclasses.replace(ctx.trajectory, snapshots=snapshots)
         problem = trajectory.problem
         spec = problem.spec
         g = spec.flatten(

@@ -41,9 +41,13 @@ class Binomial(AbstractRule):
 
     Bias: exact when ``order == steps``; ``order == 0`` is first-order MAML; the
     dropped terms are :math:`O(\alpha^{L+1})`. Cost: ``order * (K-order+1)``
-    HVPs in ``order`` serial batched calls; memory O((K-L+1) d) for the stage
-    vectors plus the batched HVP graphs (bounded by ``chunk_size``) and K
-    snapshots.
+    HVPs in ``order`` serial batched calls; memory: K snapshots, O((K-L+1) d)
+    for the stage vectors, and the stage's batched HVP graph, which holds up to
+    ``K-L+1`` single-HVP graphs at once (``chunk_size`` bounds it to that many;
+    without it, at large K this can exceed the unrolled graph's memory).
+    ``vectorize=False`` keeps one HVP graph at a time. On a GPU the batched call
+    runs the stage's HVPs in parallel; on a CPU it mainly saves Python overhead
+    (faster for small models, not for convolutional ones).
 
     This project implements the expansion exactly as written in the paper (factor
     ``lr`` per Hessian); the public BinomMAML code scales the Hessian terms by
