@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -12,7 +13,14 @@ from torch import Tensor
 
 from torchopt_metagrad.errors import ODESolveError
 
-__all__ = ["ADAPTIVE_METHODS", "FIXED_METHODS", "check_method", "check_tolerance", "solve"]
+__all__ = [
+    "ADAPTIVE_METHODS",
+    "FIXED_METHODS",
+    "check_method",
+    "check_tolerance",
+    "named_failure",
+    "solve",
+]
 
 # torchdiffeq keeps its registry private (torchdiffeq._impl.odeint.SOLVERS); read it when
 # present so new solvers are accepted, and fall back to the 0.2.x names otherwise.
@@ -69,6 +77,28 @@ def check_tolerance(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a finite float > 0, got {value}")
 
 
+class _Clock:
+    """The last time at which a solve evaluated its vector field."""
+
+    def __init__(self, t0: float) -> None:
+        self.t = t0
+
+
+@contextlib.contextmanager
+def named_failure(
+    what: str, method: str, rtol: float, atol: float, clock: _Clock
+) -> Iterator[None]:
+    """Turn torchdiffeq's failures (step underflow, non-finite state) into ``ODESolveError``."""
+    try:
+        yield
+    except (AssertionError, RuntimeError) as err:
+        if isinstance(err, ODESolveError):
+            raise
+        raise ODESolveError(
+            f"the {what} ({method}, rtol={rtol:g}, atol={atol:g}) failed at t={clock.t:.6g}: {err}"
+        ) from err
+
+
 def solve(
     what: str,
     func: Callable[[Tensor, Tensor], Tensor],
@@ -80,16 +110,21 @@ def solve(
     atol: float,
     step_size: float | None,
     adjoint: bool = False,
+    clock: _Clock | None = None,
 ) -> Tensor:
-    """``torchdiffeq.odeint`` (or ``odeint_adjoint``) that names the solve and time on failure."""
-    last_t = [float(t[0])]
+    """``torchdiffeq.odeint`` (or ``odeint_adjoint``) that names the solve and time on failure.
+
+    ``clock`` (optional) keeps tracking the time after the call, e.g. through the
+    backward solve that ``odeint_adjoint`` runs later.
+    """
+    clock = _Clock(float(t[0])) if clock is None else clock
 
     def tracked(time: Tensor, y: Tensor) -> Tensor:
-        last_t[0] = float(time.detach())
+        clock.t = float(time.detach())
         return func(time, y)
 
     options = {"step_size": step_size} if step_size is not None else None
-    try:
+    with named_failure(what, method, rtol, atol, clock):
         if adjoint:
             return torchdiffeq.odeint_adjoint(
                 tracked,
@@ -106,13 +141,6 @@ def solve(
         return torchdiffeq.odeint(
             tracked, y0, t, method=method, rtol=rtol, atol=atol, options=options
         )
-    except (AssertionError, RuntimeError) as err:
-        if isinstance(err, ODESolveError):
-            raise
-        raise ODESolveError(
-            f"the {what} ({method}, rtol={rtol:g}, atol={atol:g}) failed at t={last_t[0]:.6g}: "
-            f"{err}"
-        ) from err
 
 
 def linspace(T: float, n: int, like: Tensor) -> Tensor:

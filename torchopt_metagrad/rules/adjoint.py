@@ -130,10 +130,11 @@ class Adjoint(AbstractRule):
             return jac.vector_field(u, create_graph=torch.is_grad_enabled())
 
         times = torch.tensor([0.0, T], dtype=g.dtype, device=g.device)
+        clock = _ode._Clock(0.0)
         with torch.enable_grad():
             u0 = jac.snapshot(0)[: jac.param_dim].detach().requires_grad_(True)
             uT = _ode.solve(
-                "gradient-flow re-integration",
+                "backward adjoint solve (odeint_adjoint's forward re-run)",
                 field,
                 u0,
                 times,
@@ -142,8 +143,16 @@ class Adjoint(AbstractRule):
                 atol=self.atol,
                 step_size=self.step_size,
                 adjoint=True,
+                clock=clock,
             )[-1]
-            (lam,) = torch.autograd.grad(uT, u0, g)
+            with _ode.named_failure(
+                "backward adjoint solve (odeint_adjoint re-integration)",
+                self.method,
+                self.rtol,
+                self.atol,
+                clock,
+            ):
+                (lam,) = torch.autograd.grad(uT, u0, g)
         ensure_finite(lam, lambda: "in the backward adjoint solve (odeint_adjoint)")
         return lam
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 
 import torchopt
 from torch import Tensor
 
+from torchopt_metagrad._ode import check_tolerance
 from torchopt_metagrad.errors import SolverWarning
 from torchopt_metagrad.rules.base import AbstractRule, StepJacobians, ensure_finite, register
 
@@ -81,16 +81,12 @@ class ImplicitCG(AbstractRule):
     supports_per_step_batches = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.reg, bool) or not isinstance(self.reg, (int, float)):
-            raise TypeError(f"reg must be a float > 0, got {self.reg!r}")
-        if not (self.reg > 0 and math.isfinite(self.reg)):
-            raise ValueError(f"reg must be a finite float > 0, got {self.reg}")
+        check_tolerance(self.reg, "reg")
         if isinstance(self.maxiter, bool) or not isinstance(self.maxiter, int):
             raise TypeError(f"maxiter must be an int >= 1, got {self.maxiter!r}")
         if self.maxiter < 1:
             raise ValueError(f"maxiter must be >= 1, got {self.maxiter}")
-        if not (isinstance(self.tol, (int, float)) and self.tol > 0):
-            raise ValueError(f"tol must be a float > 0, got {self.tol!r}")
+        check_tolerance(self.tol, "tol")
 
     @property
     def proximal_reg(self) -> float:
