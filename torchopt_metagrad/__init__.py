@@ -17,6 +17,13 @@ from torchopt_metagrad.errors import (
 )
 from torchopt_metagrad.flow import adjoint, flow, implicit
 from torchopt_metagrad.functional import adapt
+from torchopt_metagrad.module import (
+    DifferentiableOptimizer,
+    MetaAdam,
+    MetaOptimizer,
+    MetaSGD,
+    innerloop_ctx,
+)
 from torchopt_metagrad.rules import (
     AbstractRule,
     Adjoint,
@@ -40,9 +47,13 @@ __all__ = [
     "Adjoint",
     "Binomial",
     "CGInfo",
+    "DifferentiableOptimizer",
     "Exact",
     "FirstOrder",
     "ImplicitCG",
+    "MetaAdam",
+    "MetaOptimizer",
+    "MetaSGD",
     "NonFiniteError",
     "ODESolveError",
     "SolverWarning",
@@ -54,6 +65,7 @@ __all__ = [
     "available_rules",
     "flow",
     "implicit",
+    "innerloop_ctx",
     "make_rule",
     "register",
     "rule_class",

@@ -60,6 +60,9 @@ class Adjoint(AbstractRule):
         step_size: step of fixed-grid methods (``None``: torchdiffeq's default).
     """
 
+    uses_step_jacobians = False
+    uses_hessians = True
+
     backward: str = "heun"
     method: str = "dopri5"
     rtol: float = 1e-7

@@ -91,6 +91,11 @@ class AbstractRule(abc.ABC):
     #: True for the rule that differentiates through the kept unrolled graph instead
     #: of recomputing step Jacobians from snapshots (the front end then keeps the graph).
     differentiates_through_loop: ClassVar[bool] = False
+    #: False for rules that never call ``jac.apply``/``apply_many`` (no step Jacobians).
+    uses_step_jacobians: ClassVar[bool] = True
+    #: True for rules that evaluate the plain inner loss's Hessian at stored states
+    #: (``jac.hvp``), which needs the inner loss at points where no step took a gradient.
+    uses_hessians: ClassVar[bool] = False
     #: False for rules that differentiate the solution of a single inner objective.
     supports_per_step_batches: ClassVar[bool] = True
     #: True for rules that need only Hessian-vector products along a gradient flow

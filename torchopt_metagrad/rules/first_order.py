@@ -23,6 +23,8 @@ class FirstOrder(AbstractRule):
     Reference: Finn et al., "Model-Agnostic Meta-Learning", ICML 2017.
     """
 
+    uses_step_jacobians = False
+
     def first_step_needed(self, steps: int) -> int:
         return steps
 

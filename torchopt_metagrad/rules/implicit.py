@@ -79,6 +79,8 @@ class ImplicitCG(AbstractRule):
     )
 
     supports_per_step_batches = False
+    uses_step_jacobians = False
+    uses_hessians = True
 
     def __post_init__(self) -> None:
         check_tolerance(self.reg, "reg")

@@ -23,6 +23,8 @@ class Unrolled(AbstractRule):
     the baseline that torchopt's ``MetaSGD`` and ``higher`` implement.
     """
 
+    uses_step_jacobians = False
+
     differentiates_through_loop = True
 
     def first_step_needed(self, steps: int) -> int:
