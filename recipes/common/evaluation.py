@@ -1,0 +1,93 @@
+"""Test-time adaptation curves: how a learned initialization trains on new tasks.
+
+This is plain gradient descent on each test task's training set, started from the
+meta-learned parameters, with no meta-gradient involved, so it runs for all test
+tasks at once (the forward under ``torch.func.vmap``) and keeps no graph across steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["adaptation_curve", "mse", "mse_loss_fn", "nrmse"]
+
+Metric = Callable[[Tensor, Tensor], Tensor]
+
+
+def mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error."""
+    return ((pred - target) ** 2).mean()
+
+
+def mse_loss_fn(model: nn.Module) -> Callable[[dict[str, Tensor], Any], Tensor]:
+    """``loss(params, (x, y))``: the MSE of ``model`` called with ``params`` (functional)."""
+
+    def loss(params: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return mse(torch.func.functional_call(model, params, (x,)), y)
+
+    return loss
+
+
+def nrmse(pred: Tensor, target: Tensor) -> Tensor:
+    r"""Normalized RMSE :math:`\|\hat y - y\|_2 / \|y\|_2`."""
+    return (pred - target).norm() / target.norm()
+
+
+def adaptation_curve(
+    model: nn.Module,
+    support: tuple[Tensor, Tensor],
+    query: tuple[Tensor, Tensor],
+    *,
+    lr: float,
+    eval_steps: Sequence[int],
+    metric: Metric = mse,
+    train_loss: Metric = mse,
+) -> Tensor:
+    """Metric on each task's query set after each number of GD steps in ``eval_steps``.
+
+    Args:
+        model: the network; its current parameters are the initialization.
+        support: ``(x, y)`` stacked over tasks, ``(n_tasks, shots, ...)``: what each
+            task trains on.
+        query: ``(x, y)`` stacked over tasks: what each task is evaluated on.
+        lr: gradient-descent step size.
+        eval_steps: step counts at which to evaluate (0: the initialization itself).
+        metric: per-task evaluation metric.
+        train_loss: per-task training loss.
+
+    Returns:
+        ``(n_tasks, len(eval_steps))`` tensor of metric values.
+    """
+    if not eval_steps or min(eval_steps) < 0:
+        raise ValueError(f"eval_steps must be non-negative step counts, got {list(eval_steps)}")
+    (xs, ys), (xq, yq) = support, query
+    n = xs.shape[0]
+    leaves = {
+        k: v.detach().unsqueeze(0).expand(n, *v.shape).clone() for k, v in model.named_parameters()
+    }
+    forward = torch.func.vmap(lambda p, x: torch.func.functional_call(model, p, (x,)))
+    per_task_loss = torch.func.vmap(train_loss)
+    per_task_metric = torch.func.vmap(metric)
+    wanted = sorted(set(int(s) for s in eval_steps))
+    found: dict[int, Tensor] = {}
+    for step in range(wanted[-1] + 1):
+        if step in wanted:
+            with torch.no_grad():
+                found[step] = per_task_metric(forward(leaves, xq), yq)
+        if step < wanted[-1]:
+            # The tasks are independent, so the gradient of the summed loss with respect
+            # to task i's copy of the parameters is task i's own gradient (measured ~5x
+            # faster on CPU than vmap over torch.func.grad).
+            with torch.enable_grad():
+                params = {k: v.requires_grad_(True) for k, v in leaves.items()}
+                loss = per_task_loss(forward(params, xs), ys).sum()
+                grads = torch.autograd.grad(loss, list(params.values()))
+            leaves = {
+                k: (v - lr * g).detach() for (k, v), g in zip(params.items(), grads, strict=True)
+            }
+    return torch.stack([found[int(s)] for s in eval_steps], dim=1)

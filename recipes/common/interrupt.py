@@ -1,0 +1,59 @@
+"""Graceful stop on SIGTERM and Ctrl-C.
+
+Inside :func:`graceful_stop`, the first SIGTERM or SIGINT (Ctrl-C) only sets a flag;
+the training loop checks it between meta-steps, writes a checkpoint of the last
+finished step, flushes the metrics and returns. A second signal raises
+``KeyboardInterrupt`` at once (the last checkpoint on disk is intact: checkpoints are
+replaced atomically). The previous handlers are restored on exit. Signal handlers
+can only be installed from the main thread; elsewhere this is a no-op flag.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+__all__ = ["StopFlag", "graceful_stop"]
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopFlag:
+    """Set when a stop was requested; ``reason`` says by what."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        """Ask the loop to stop after the current meta-step."""
+        self.requested = True
+        self.reason = self.reason or reason
+
+
+@contextmanager
+def graceful_stop() -> Iterator[StopFlag]:
+    """Turn the first SIGTERM/SIGINT into a stop request; see the module docstring."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if flag.requested:
+            raise KeyboardInterrupt(f"second {name}: stopping now")
+        flag.request(name)
+
+    previous: dict[signal.Signals, Any] = {}
+    try:
+        for sig in _SIGNALS:
+            previous[sig] = signal.signal(sig, handler)
+        yield flag
+    finally:
+        for restored, old in previous.items():
+            signal.signal(restored, old)

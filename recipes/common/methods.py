@@ -1,0 +1,298 @@
+"""Outer-loop methods: a meta-gradient rule from the registry, or the Reptile direction.
+
+A *method* is written as one string, ``name[:key=value,...]``:
+
+* ``name`` is any rule in ``tmg.available_rules()`` (``exact``, ``binomial``,
+  ``implicit_cg``, ``adjoint``, ...) or one of the outer directions defined here
+  (``reptile``);
+* keys are the rule's knobs, read from its dataclass fields
+  (``binomial:order=2``, ``implicit_cg:reg=1,maxiter=5``), or the runner's own keys:
+  ``steps`` (inner steps for this method, overriding the recipe's), ``label`` (its
+  name in tables), ``flow`` (solve the inner problem as a gradient flow with
+  ``tmg.flow`` and this torchdiffeq method, for rules that support it).
+
+Nothing here branches on a rule's name: knobs and their types come from the rule
+classes, so a rule added to the library is usable from every recipe's command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, get_args, get_origin, get_type_hints
+
+import torch
+from torch import Tensor
+
+import torchopt_metagrad as tmg
+
+__all__ = [
+    "DIRECTIONS",
+    "Method",
+    "TaskStats",
+    "knob_options",
+    "parse_method",
+    "task_direction",
+]
+
+LossFn = Callable[[dict[str, Tensor], Any], Tensor]
+
+#: Keys of a method spec that configure the runner, not the rule.
+RUNNER_KEYS: dict[str, Any] = {"steps": int, "label": str, "flow": str}
+
+
+@dataclass(frozen=True)
+class TaskStats:
+    """What one task contributed to a meta-step.
+
+    Attributes:
+        query_loss: outer (validation) loss at the adapted parameters.
+        extras: rule diagnostics, e.g. the CG residual and solver warnings.
+    """
+
+    query_loss: float
+    extras: dict[str, float]
+
+
+#: Outer directions that are not meta-gradients of the validation loss, by name.
+#: Each is ``direction(method, loss_fn, params, task, steps, lr, scale) -> TaskStats``
+#: and adds ``scale * direction`` to ``.grad`` of ``params``.
+DIRECTIONS: dict[str, Callable[..., TaskStats]] = {}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A parsed method spec: a rule name or an outer direction, its knobs, runner keys."""
+
+    name: str
+    knobs: tuple[tuple[str, Any], ...] = ()
+    steps: int | None = None
+    label: str = ""
+    flow: str | None = None
+
+    @property
+    def is_rule(self) -> bool:
+        """True for a meta-gradient rule of the library, False for an outer direction."""
+        return self.name not in DIRECTIONS
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string (parses back to an equal ``Method``)."""
+        items = [f"{k}={_show(v)}" for k, v in self.knobs]
+        items += [f"{k}={getattr(self, k)}" for k in RUNNER_KEYS if getattr(self, k)]
+        return self.name + (":" + ",".join(items) if items else "")
+
+    @property
+    def display(self) -> str:
+        """The label, or the spec in function-call form: ``binomial(order=2)``."""
+        if self.label:
+            return self.label
+        items = [f"{k}={_show(v)}" for k, v in self.knobs]
+        items += [f"{k}={getattr(self, k)}" for k in ("steps", "flow") if getattr(self, k)]
+        return self.name + (f"({','.join(items)})" if items else "")
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe form of :attr:`display`."""
+        keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.display)
+        return keep.strip("_") or self.name
+
+    def check(self, steps: int) -> None:
+        """Raise ``ValueError`` if the rule does not fit ``steps`` inner steps (order > K)."""
+        if self.is_rule:
+            try:
+                self.build_rule().validate(self.steps or steps)
+            except ValueError as err:
+                raise ValueError(f"{self.display}: {err}") from None
+
+    def build_rule(self) -> tmg.AbstractRule:
+        """A fresh rule object (rules such as ``ImplicitCG`` keep a log of their last solve)."""
+        if not self.is_rule:
+            raise TypeError(f"{self.name!r} is an outer direction, not a meta-gradient rule")
+        return tmg.make_rule(self.name, **dict(self.knobs))
+
+
+def parse_method(text: str) -> Method:
+    """Parse ``name[:key=value,...]`` into a :class:`Method`.
+
+    Raises:
+        ValueError: unknown name or key, a badly formed item, or knob values the rule
+            rejects (the rule's own message); messages list what is valid.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("a method is 'name[:key=value,...]', got an empty string")
+    name, _, rest = text.strip().partition(":")
+    name = name.strip()
+    if name in DIRECTIONS:
+        fields: dict[str, Any] = {}
+    else:
+        try:
+            cls = tmg.rule_class(name)
+        except ValueError:
+            valid = ", ".join([*tmg.available_rules(), *DIRECTIONS])
+            raise ValueError(f"unknown method {name!r}; available: {valid}") from None
+        fields = _rule_fields(cls)
+    knobs: dict[str, Any] = {}
+    runner: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise ValueError(f"{name}: expected key=value, got {item!r}")
+        if key in RUNNER_KEYS:
+            runner[key] = _convert(RUNNER_KEYS[key], value.strip(), f"{name}: {key}")
+        elif key in fields:
+            knobs[key] = _convert(fields[key], value.strip(), f"{name}: {key}")
+        else:
+            valid = ", ".join([*fields, *RUNNER_KEYS])
+            raise ValueError(f"{name} has no knob {key!r}; valid keys: {valid}")
+    order = list(fields)
+    method = Method(name, tuple(sorted(knobs.items(), key=lambda kv: order.index(kv[0]))), **runner)
+    if method.steps is not None and method.steps < 1:
+        raise ValueError(f"{name}: steps must be >= 1, got {method.steps}")
+    if method.is_rule:
+        missing = [
+            f.name
+            for f in dataclasses.fields(tmg.rule_class(name))
+            if f.init
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+            and f.name not in knobs
+        ]
+        if missing:
+            hint = ", ".join(f"--{m.replace('_', '-')} / {m}=..." for m in missing)
+            raise ValueError(f"rule {name!r} needs {hint}")
+        rule = method.build_rule()  # the rule's own checks (order >= 0, reg > 0, ...)
+        if method.flow is not None and not rule.supports_flow:
+            raise ValueError(f"{name}: flow= needs a rule that works on a gradient flow")
+    elif method.flow is not None:
+        raise ValueError(f"{name}: flow= is only for meta-gradient rules")
+    return method
+
+
+def knob_options() -> dict[str, tuple[Any, list[str]]]:
+    """Every knob of every registered rule: ``{knob: (type, [rule names])}``."""
+    options: dict[str, tuple[Any, list[str]]] = {}
+    for name in tmg.available_rules():
+        for knob, tp in _rule_fields(tmg.rule_class(name)).items():
+            options.setdefault(knob, (tp, []))[1].append(name)
+    return options
+
+
+def _rule_fields(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _convert(tp: Any, text: str, what: str) -> Any:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        if text.lower() == "none":
+            return None
+        (tp,) = (a for a in get_args(tp) if a is not type(None))
+    try:
+        if tp is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return lowered in ("true", "1", "yes")
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        return tp(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be {getattr(tp, '__name__', tp)}, got {text!r}") from None
+
+
+def _show(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def task_direction(
+    method: Method,
+    rule: tmg.AbstractRule | None,
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    task: tuple[Any, Any],
+    *,
+    steps: int,
+    lr: float,
+    scale: float,
+) -> TaskStats:
+    """Add ``scale`` times one task's outer direction to ``.grad`` of ``params``.
+
+    For a rule, that is its meta-gradient estimate of the query loss after ``steps``
+    inner steps (``tmg.adapt``, or ``tmg.flow`` for ``flow=...``); the backward lands
+    on ``params``' ``.grad`` as for any loss. For an outer direction (Reptile) it is
+    whatever :data:`DIRECTIONS` computes.
+    """
+    if not method.is_rule:
+        return DIRECTIONS[method.name](method, loss_fn, params, task, steps, lr, scale)
+    assert rule is not None
+    support, query = task
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", tmg.SolverWarning)
+        if method.flow is None:
+            adapted = tmg.adapt(loss_fn, params, support, steps=steps, lr=lr, rule=rule)
+        else:
+            adapted = tmg.flow(
+                loss_fn,
+                params,
+                support,
+                T=steps * lr,
+                rule=typing.cast(Any, rule),  # parse_method checked rule.supports_flow
+                method=method.flow,
+                save_every=lr,
+            )
+        query_loss = loss_fn(adapted, query)
+        (query_loss * scale).backward()
+    extras: dict[str, float] = {}
+    solver = [w for w in caught if issubclass(w.category, tmg.SolverWarning)]
+    for w in caught:  # anything else is the caller's business: re-emit it
+        if not issubclass(w.category, tmg.SolverWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    info = getattr(rule, "info", None)  # e.g. ImplicitCG's CGInfo of the last solve
+    if info is not None:
+        extras = {f"rule/{k}": float(v) for k, v in dataclasses.asdict(info).items()}
+    if info is not None or solver:
+        extras["rule/solver_warnings"] = float(len(solver))
+    return TaskStats(float(query_loss.detach()), extras)
+
+
+def _reptile(
+    method: Method,
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    task: tuple[Any, Any],
+    steps: int,
+    lr: float,
+    scale: float,
+) -> TaskStats:
+    """Reptile (Nichol et al., 2018): the outer direction ``theta - phi_K``.
+
+    Why this is not a rule of the library: every rule estimates the derivative of the
+    *query* loss at ``phi_K`` with respect to ``theta``. Reptile's direction
+    ``theta - phi_K = lr * sum_k grad l(phi_k)`` is not the derivative of any outer
+    loss (it never looks at the query set), so it cannot be written as a map from
+    (trajectory, g) to a meta-gradient. It needs only the adapted point, so the inner
+    loop runs without a graph: ``tmg.adapt`` with ``FirstOrder`` (which stores no
+    snapshots), detached. The query loss is computed for logging only.
+    """
+    support, query = task
+    adapted = tmg.adapt(loss_fn, params, support, steps=steps, lr=lr, rule=tmg.FirstOrder())
+    with torch.no_grad():
+        for name, p in params.items():
+            delta = (p - adapted[name]).detach() * scale
+            if p.grad is None:
+                p.grad = delta
+            else:
+                p.grad.add_(delta)
+        query_loss = loss_fn({k: v.detach() for k, v in adapted.items()}, query)
+    return TaskStats(float(query_loss), {})
+
+
+DIRECTIONS["reptile"] = _reptile

@@ -1,0 +1,142 @@
+"""Metrics as JSON lines (one record per line, flushed as written) and CSV/JSON summaries.
+
+The JSON-lines file stays readable whatever happens to the run: every record is
+one complete line written and flushed at once, and :func:`read_jsonl` skips a
+torn last line (a process killed mid-write). On resume the file is rewritten from
+the records saved in the checkpoint, so records after the checkpoint are not
+duplicated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MetricsLog",
+    "read_jsonl",
+    "training_time",
+    "write_csv",
+    "write_json",
+    "write_text_atomic",
+]
+
+
+class MetricsLog:
+    """Append-only JSON-lines log of metric records.
+
+    Args:
+        path: the ``.jsonl`` file.
+        records: records already logged (from a checkpoint); the file is rewritten
+            to hold exactly these before new ones are appended.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]] = ()):
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = [dict(r) for r in records]
+        write_text_atomic(self.path, "".join(_line(r) for r in self.records))
+        self._file: io.TextIOWrapper | None = self.path.open("a", encoding="utf-8")
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Log one record (written and flushed immediately)."""
+        self.records.append(dict(record))
+        if self._file is None:
+            raise ValueError(f"metrics log {self.path} is closed")
+        self._file.write(_line(record))
+        self._file.flush()
+
+    def close(self) -> None:
+        """Flush to disk and close (idempotent)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _line(record: Mapping[str, Any]) -> str:
+    return json.dumps(_jsonable(record), sort_keys=False) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file; a torn (unterminated, unparsable) last line is skipped."""
+    records = []
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # the last line, cut off by a kill mid-write
+                break
+            raise
+    return records
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike[str], value: Any) -> None:
+    """Write ``value`` as indented JSON, atomically."""
+    write_text_atomic(path, json.dumps(_jsonable(value), indent=2) + "\n")
+
+
+def write_csv(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write rows (dicts; the union of their keys, in first-seen order, is the header)."""
+    rows = list(rows)
+    header: list[str] = []
+    for row in rows:
+        header += [k for k in row if k not in header]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def training_time(records: Iterable[Mapping[str, Any]]) -> float:
+    """Seconds of training recorded in ``elapsed_s``, summed over resumed invocations."""
+    total, last = 0.0, 0.0
+    for record in records:
+        elapsed = float(record.get("elapsed_s", 0.0))
+        if elapsed < last:  # a resumed invocation restarted the clock
+            total += last
+        last = elapsed
+    return total + last

@@ -1,0 +1,278 @@
+"""The one meta-training loop every recipe uses.
+
+A recipe supplies a :class:`MetaProblem` (model, functional loss, task sampler,
+evaluation) and a :class:`~recipes.common.methods.Method`; :func:`train` does the
+rest: seeding, device, the outer Adam loop over meta-batches, metrics as JSON lines,
+periodic evaluation, atomic checkpoints, ``--resume``, and a graceful stop on
+SIGTERM / Ctrl-C / ``--stop-after``.
+
+Resume gives bit-identical numbers on CPU: the checkpoint holds the model, Adam's
+state, every random state (Python, torch, and the task generator), the step counter
+and the records so far; task sampling uses only the task generator, and evaluation
+uses generators of its own, so nothing else advances a random stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from recipes.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from recipes.common.config import TrainConfig, stable_fields
+from recipes.common.env import (
+    get_rng_state,
+    resolve_device,
+    resolve_dtype,
+    seed_everything,
+    set_rng_state,
+)
+from recipes.common.interrupt import StopFlag, graceful_stop
+from recipes.common.methods import Method, task_direction
+from recipes.common.metrics import MetricsLog
+from recipes.common.progress import progress_bar
+
+__all__ = ["Callback", "MetaProblem", "RunResult", "train"]
+
+LossFn = Callable[[dict[str, Tensor], Any], Tensor]
+Task = tuple[Any, Any]
+
+
+class MetaProblem(Protocol):
+    """What a recipe defines: tasks, model, loss and evaluation (no training loop)."""
+
+    def make_model(self) -> nn.Module:
+        """A freshly initialized network (called right after seeding)."""
+        ...
+
+    def loss_fn(self, model: nn.Module) -> LossFn:
+        """``loss(params, batch) -> scalar`` for ``model`` with the given params."""
+        ...
+
+    def sample_tasks(self, generator: torch.Generator, n: int) -> list[Task]:
+        """``n`` training tasks ``(support, query)``, drawn with ``generator`` only."""
+        ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Periodic evaluation of the current initialization (deterministic)."""
+        ...
+
+
+#: Called after every meta-step with ``(step, record, stop)``; may request a stop.
+Callback = Callable[[int, dict[str, Any], StopFlag], None]
+
+
+@dataclass
+class RunResult:
+    """How a training run ended.
+
+    Attributes:
+        model: the network with the final (or last finished) meta-parameters.
+        step: meta-steps done.
+        completed: all ``meta_steps`` are done.
+        interrupted: stopped early by a signal or ``--stop-after`` (resumable).
+        records: every metrics record, as in the JSON-lines file.
+        wall_time_s: seconds spent in this invocation.
+        run_dir: where the checkpoint and metrics are.
+    """
+
+    model: nn.Module
+    step: int
+    completed: bool
+    interrupted: bool
+    records: list[dict[str, Any]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    run_dir: Path = Path()
+
+
+def train(
+    problem: MetaProblem,
+    method: Method,
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    recipe: str,
+    callbacks: Sequence[Callback] = (),
+    desc: str = "",
+) -> RunResult:
+    """Meta-train ``problem``'s model with ``method``; see the module docstring.
+
+    Checkpoints go to ``run_dir/checkpoint.pt``, metrics to ``run_dir/metrics.jsonl``
+    (one record per meta-step: ``step``, ``train/query_loss``, rule diagnostics, and
+    ``eval/...`` entries every ``eval_every`` steps).
+
+    Raises:
+        FileNotFoundError: ``config.resume`` but no checkpoint in ``run_dir``.
+        CheckpointError: (a ``ValueError``) the checkpoint is corrupted, or was written
+            by a run with other settings (the message lists the differences).
+    """
+    start_time = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype)
+    steps = method.steps or config.steps
+    identity = {
+        "recipe": recipe,
+        "config": _identity_config(config),
+        "method": method.spec,
+    }
+
+    seed_everything(config.seed)
+    model = problem.make_model().to(device=device, dtype=dtype)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.outer_lr)
+    generators = {"tasks": torch.Generator().manual_seed(config.seed + 1)}
+    step, records = 0, []
+    if config.resume:
+        # On CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+        state = load_checkpoint(ckpt_path, map_location="cpu")
+        _check_same_run(state, identity, ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], generators)
+        step, records = int(state["step"]), list(state["records"])
+        if step > config.meta_steps:
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} is at meta-step {step}, past --meta-steps "
+                f"{config.meta_steps}"
+            )
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                **identity,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": get_rng_state(generators),
+                "records": log.records,
+            },
+        )
+
+    rule = method.build_rule() if method.is_rule else None
+    loss_fn = problem.loss_fn(model)
+    first = step
+    interrupted = False
+    log = MetricsLog(run_dir / "metrics.jsonl", records)
+    try:
+        if not config.resume:
+            checkpoint()  # step 0: there is always a last checkpoint to go back to
+        with (
+            graceful_stop() as stop,
+            progress_bar(
+                config.progress, total=config.meta_steps, initial=step, desc=desc or method.display
+            ) as bar,
+        ):
+            while step < config.meta_steps:
+                tasks = problem.sample_tasks(generators["tasks"], config.meta_batch)
+                record = _meta_step(
+                    model, optimizer, rule, method, loss_fn, tasks, steps, config, device, dtype
+                )
+                step += 1
+                record = {"step": step, **record}
+                last = step == config.meta_steps
+                if (config.eval_every and step % config.eval_every == 0) or last:
+                    record.update({f"eval/{k}": v for k, v in problem.evaluate(model).items()})
+                record["elapsed_s"] = round(time.perf_counter() - start_time, 3)
+                log.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['train/query_loss']:.4g}")
+                for callback in callbacks:
+                    callback(step, record, stop)
+                if config.stop_after and step - first >= config.stop_after and not last:
+                    stop.request("--stop-after")
+                due = config.checkpoint_every and step % config.checkpoint_every == 0
+                if due or last or stop.requested:
+                    checkpoint()
+                if stop.requested and not last:
+                    interrupted = True
+                    break
+    finally:
+        log.close()
+    return RunResult(
+        model=model,
+        step=step,
+        completed=step >= config.meta_steps,
+        interrupted=interrupted,
+        records=log.records,
+        wall_time_s=time.perf_counter() - start_time,
+        run_dir=run_dir,
+    )
+
+
+def _meta_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rule: Any,
+    method: Method,
+    loss_fn: LossFn,
+    tasks: list[Task],
+    steps: int,
+    config: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, float]:
+    """One outer step: every task adds ``1/n`` of its direction to ``.grad``; Adam steps."""
+    optimizer.zero_grad(set_to_none=False)
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    params = dict(model.named_parameters())
+    losses: list[float] = []
+    extras: dict[str, float] = {}
+    for task in tasks:
+        task = _to(task, device, dtype)
+        stats = task_direction(
+            method,
+            rule,
+            loss_fn,
+            params,
+            task,
+            steps=steps,
+            lr=config.inner_lr,
+            scale=1.0 / len(tasks),
+        )
+        losses.append(stats.query_loss)
+        for k, v in stats.extras.items():
+            extras[k] = extras.get(k, 0.0) + v / len(tasks)
+    optimizer.step()
+    return {"train/query_loss": sum(losses) / len(losses), **extras}
+
+
+def _to(tree: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    def move(x: Any) -> Any:
+        if isinstance(x, Tensor):
+            return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+        return x
+
+    return pytree.tree_map(move, tree)
+
+
+def _identity_config(config: TrainConfig) -> dict[str, Any]:
+    return stable_fields(config)
+
+
+def _check_same_run(state: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
+    diffs = []
+    for key in ("recipe", "method"):
+        if state[key] != identity[key]:
+            diffs.append(f"{key}: checkpoint {state[key]!r}, now {identity[key]!r}")
+    old, new = state["config"], identity["config"]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            diffs.append(
+                f"--{key.replace('_', '-')}: checkpoint {old.get(key)!r}, now {new.get(key)!r}"
+            )
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run with other settings; resume with the "
+            "same settings or use another --out:\n  " + "\n  ".join(diffs)
+        )
