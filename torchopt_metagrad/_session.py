@@ -43,7 +43,8 @@ from torch.autograd.function import once_differentiable
 
 from torchopt_metagrad import engine
 from torchopt_metagrad._flat import FlatSpec
-from torchopt_metagrad.rules.base import AbstractRule, ensure_finite
+from torchopt_metagrad.bridge import run_rule
+from torchopt_metagrad.rules.base import AbstractRule
 from torchopt_metagrad.steps import AbstractStepMap, Aux, GradientDescent
 from torchopt_metagrad.trajectory import BatchSchedule, InnerProblem, check_inner_finite
 
@@ -336,19 +337,6 @@ class _AdaptedParams(torch.autograd.Function):
         prefix: _Prefix = ctx.prefix
         c = prefix.context
         spec = c.spec
-        g = spec.flatten(
-            [
-                torch.zeros(s, dtype=spec.dtype, device=spec.device) if go is None else go
-                for go, s in zip(grad_outputs, spec.shapes, strict=True)
-            ]
-        )
-        ensure_finite(
-            g,
-            lambda: (
-                f"before the backward: the outer loss's gradient w.r.t. the module's "
-                f"parameters after inner step {prefix.steps} is not finite"
-            ),
-        )
         try:
             c.rule.validate(prefix.steps)
         except ValueError as err:
@@ -356,10 +344,15 @@ class _AdaptedParams(torch.autograd.Function):
                 f"{err} (the outer loss uses the module's parameters after {prefix.steps} "
                 f"inner step(s) of {c.owner})"
             ) from None
-        extra = c.step_map.dim - spec.numel
-        if extra:
-            g = torch.cat([g, g.new_zeros(extra)])
-        meta = c.rule.meta_gradient(_ModuleSteps(prefix), g)[: spec.numel]
+        meta = run_rule(
+            c.rule,
+            _ModuleSteps(prefix),
+            spec,
+            grad_outputs,
+            c.step_map.dim,
+            f"the outer loss's gradient w.r.t. the module's parameters after inner step "
+            f"{prefix.steps} is not finite",
+        )
         return (None, None, *(t.clone() for t in spec.split(meta)))
 
 

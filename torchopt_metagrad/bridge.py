@@ -11,17 +11,18 @@ derivatives of the meta-gradient use ``Unrolled``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from torchopt_metagrad.rules.base import AbstractRule, ensure_finite
+from torchopt_metagrad._flat import FlatSpec
+from torchopt_metagrad.rules.base import AbstractRule, StepJacobians, ensure_finite
 from torchopt_metagrad.trajectory import InnerProblem, Trajectory, run_inner_loop
 
-__all__ = ["MetaGradientBridge", "Runner", "discrete_runner"]
+__all__ = ["MetaGradientBridge", "Runner", "discrete_runner", "run_rule"]
 
 #: Runs an inner problem from flat initial parameters without a graph:
 #: ``theta -> (z_final, trajectory)``.
@@ -32,6 +33,32 @@ def discrete_runner(problem: InnerProblem, rule: AbstractRule) -> Runner:
     """The runner of ``tmg.adapt``: K discrete steps, storing what ``rule`` needs."""
     first = rule.first_step_needed(problem.steps)
     return lambda theta: run_inner_loop(problem, theta, first)
+
+
+def run_rule(
+    rule: AbstractRule,
+    jac: StepJacobians,
+    spec: FlatSpec,
+    grad_outputs: Sequence[Tensor | None],
+    state_dim: int,
+    what: str,
+) -> Tensor:
+    """The rule's meta-gradient (parameter block) for the outer gradient ``grad_outputs``.
+
+    Shared by every autograd node that ends an inner loop: flattens the outer
+    gradient (``None`` -> zeros), checks it is finite (``what`` says what it is),
+    pads it with zeros for the optimizer-state block, and runs the rule.
+    """
+    g = spec.flatten(
+        [
+            torch.zeros(s, dtype=spec.dtype, device=spec.device) if go is None else go
+            for go, s in zip(grad_outputs, spec.shapes, strict=True)
+        ]
+    )
+    ensure_finite(g, lambda: f"before the backward: {what}")
+    if state_dim > spec.numel:
+        g = torch.cat([g, g.new_zeros(state_dim - spec.numel)])
+    return rule.meta_gradient(jac, g)[: spec.numel]
 
 
 _RELEASED = torch.empty(0)  # placeholder while the snapshots live in saved_tensors
@@ -59,21 +86,12 @@ class MetaGradientBridge(torch.autograd.Function):
         trajectory = dataclasses.replace(ctx.trajectory, snapshots=snapshots)
         problem = trajectory.problem
         spec = problem.spec
-        g = spec.flatten(
-            [
-                torch.zeros(s, dtype=spec.dtype, device=spec.device) if go is None else go
-                for go, s in zip(grad_outputs, spec.shapes, strict=True)
-            ]
+        meta = run_rule(
+            ctx.rule,
+            trajectory,
+            spec,
+            grad_outputs,
+            trajectory.snapshots.shape[1],
+            "the outer loss's gradient w.r.t. the adapted params is not finite",
         )
-        ensure_finite(
-            g,
-            lambda: (
-                "before the backward: the outer loss's gradient w.r.t. the adapted "
-                "params is not finite"
-            ),
-        )
-        extra = trajectory.snapshots.shape[1] - spec.numel
-        if extra:
-            g = torch.cat([g, g.new_zeros(extra)])
-        meta = ctx.rule.meta_gradient(trajectory, g)[: spec.numel]
         return (None, None, *(t.clone() for t in spec.split(meta)))
