@@ -9,6 +9,7 @@ Usage::
     outer_loss(adapted).backward()   # the rule's meta-gradient lands on .grad
 """
 
+from torchopt_metagrad import diagnostics
 from torchopt_metagrad.errors import (
     NonFiniteError,
     ODESolveError,
@@ -63,6 +64,7 @@ __all__ = [
     "adapt",
     "adjoint",
     "available_rules",
+    "diagnostics",
     "flow",
     "implicit",
     "innerloop_ctx",
