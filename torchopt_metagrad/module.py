@@ -1,4 +1,4 @@
-r"""The module front end: torchopt-style ``MetaSGD``/``MetaAdam`` and a ``higher``-style context.
+r"""The module front end: torchopt-style ``MetaSGD``, ``MetaAdam`` and ``MetaOptimizer``.
 
 Existing MAML code written with ``torchopt.MetaSGD(net, lr)`` and ``inner_opt.step(loss)``
 switches to any rule by changing the constructor line::
@@ -31,6 +31,9 @@ The two ways to step, per step (d = number of adapted parameters):
   Assumes the buffers the loss *reads* do not change during the inner loop (true for
   batch norm: batch statistics in train mode, fixed ones in eval mode). Every rule.
 
+The ``higher``-style context built on these lives in
+:mod:`torchopt_metagrad.higher_compat`.
+
 Both modes compute the products one at a time (neither closures nor kept graphs can be
 stacked for ``vmap``), so ``Binomial``'s batching does not apply here. The meta-gradient
 is once-differentiable (``Unrolled`` for higher-order derivatives). Rules that skip
@@ -40,20 +43,17 @@ assuming ``first_step_needed`` does not decrease with the number of steps.
 In closure mode the recorded closures usually reference the module, and the module its
 current parameters, whose autograd node references the closures: that loop lasts until
 the parameters are replaced (restored between tasks, or at the exit of
-:func:`innerloop_ctx`); a module dropped mid-loop without restoring keeps its last inner
-loop alive.
+:func:`~torchopt_metagrad.innerloop_ctx`); a module dropped mid-loop without
+restoring keeps its last inner loop alive.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 import torchopt
 from torch import Tensor, nn
 from torchopt.base import UninitializedState
@@ -63,14 +63,13 @@ from torchopt_metagrad._session import (
     Session,
     Slots,
     StepMapFactory,
-    is_replaying,
     needs_recomputation,
 )
 from torchopt_metagrad.functional import check_rule
 from torchopt_metagrad.rules.base import AbstractRule
 from torchopt_metagrad.steps import AbstractStepMap, GradientDescent, OptimizerStep
 
-__all__ = ["DifferentiableOptimizer", "MetaAdam", "MetaOptimizer", "MetaSGD", "innerloop_ctx"]
+__all__ = ["Closure", "MetaAdam", "MetaOptimizer", "MetaSGD"]
 
 Closure = Callable[[], Tensor]
 
@@ -342,164 +341,3 @@ def _check_lr(lr: Any) -> None:
         raise TypeError(f"lr must be a float > 0 (or a torchopt schedule), got {lr!r}")
     if not (float(lr) > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a finite float > 0, got {lr}")
-
-
-# --- higher-style context ----------------------------------------------------------------
-
-
-class DifferentiableOptimizer:
-    """The ``diffopt`` of :func:`innerloop_ctx`: ``diffopt.step(loss_or_closure)``."""
-
-    def __init__(self, optimizer: MetaOptimizer) -> None:
-        self._opt = optimizer
-
-    def step(self, loss: Tensor | Closure) -> list[Tensor]:
-        """Take one inner step of the functional model; returns its new fast weights."""
-        self._opt.step(loss)
-        return list(self._opt.module.parameters())
-
-    @property
-    def rule(self) -> AbstractRule:
-        """The meta-gradient rule."""
-        return self._opt.rule
-
-
-@contextlib.contextmanager
-def innerloop_ctx(
-    model: nn.Module,
-    opt: Any,
-    *,
-    rule: AbstractRule,
-    copy_initial_weights: bool = False,
-) -> Iterator[tuple[nn.Module, DifferentiableOptimizer]]:
-    """A ``higher.innerloop_ctx`` replacement whose meta-gradient comes from ``rule``.
-
-    ::
-
-        with tmg.innerloop_ctx(model, inner_opt, rule=tmg.Exact()) as (fmodel, diffopt):
-            for _ in range(steps):
-                diffopt.step(F.cross_entropy(fmodel(x_spt), y_spt))   # or a closure
-            F.cross_entropy(fmodel(x_qry), y_qry).backward()          # -> model's .grad
-
-    ``fmodel`` is a copy of ``model`` that shares its parameters (the initial weights)
-    and buffers; ``model`` itself is not changed. A thin layer over
-    :class:`MetaOptimizer` on that copy.
-
-    Differences from ``higher``: ``copy_initial_weights`` defaults to ``False`` (the
-    meta-gradient lands on ``model``'s ``.grad``, which is what MAML code passes);
-    ``fmodel`` is a plain module (no ``params=``/``time=`` arguments); after the block,
-    if any step was ``diffopt.step(closure)``, ``fmodel`` and ``diffopt`` raise when
-    used (the recorded closures reference ``fmodel``; the exit breaks that cycle) —
-    compute the outer loss inside the block, its backward may run after it.
-
-    Args:
-        model: the network whose parameters are the initial weights.
-        opt: a ``torch.optim.SGD`` / ``torch.optim.Adam`` over (some of) ``model``'s
-            parameters (its hyperparameters are used; one param group), a float
-            learning rate (plain gradient descent on every parameter), or a torchopt
-            functional optimizer. ``Adam`` runs as ``torchopt.adam``, today's
-            ``torch.optim.Adam`` formula; ``higher`` uses an older one that adds ``eps``
-            before the bias correction, and the meta-gradient through an Adam step is
-            sensitive to ``eps``, so Adam meta-gradients differ from ``higher``'s.
-        rule: how to compute the meta-gradient, e.g. ``tmg.Exact()``.
-        copy_initial_weights: start from detached copies of the weights (``higher``'s
-            default), so no meta-gradient reaches ``model``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_rule(rule)
-    make_step_map, impl, adapted = _from_inner_opt(opt)
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    include = None
-    if adapted is not None:
-        missing = [i for i, p in enumerate(adapted) if id(p) not in names]
-        if missing:
-            raise ValueError(f"opt holds {len(missing)} tensor(s) that are not parameters of model")
-        include = frozenset(names[id(p)] for p in adapted)
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = (
-            nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-            if copy_initial_weights
-            else p
-        )
-    for b in model.buffers():
-        memo[id(b)] = b
-    fmodel = copy.deepcopy(model, memo)
-    inner = MetaOptimizer.__new__(MetaOptimizer)
-    inner._setup(fmodel, rule, make_step_map, impl, include)
-    diffopt = DifferentiableOptimizer(inner)
-    try:
-        yield fmodel, diffopt
-    finally:
-        _close(fmodel, inner)
-
-
-def _close(fmodel: nn.Module, inner: MetaOptimizer) -> None:
-    closures = inner.recorded_closures
-    inner._close("diffopt was used after its innerloop_ctx block ended")
-    if not closures:
-        return
-    # Replace the fast weights by detached values: the module no longer references the
-    # last step's autograd node, whose records reference the closures, which reference
-    # fmodel. The records stay alive as long as an outer loss's graph needs them.
-    slots = Slots(fmodel)
-    slots.write([t.detach() for t in slots.read()])
-
-    def closed(module: nn.Module, args: Any) -> None:
-        if not is_replaying():
-            raise RuntimeError(
-                "fmodel was used after its innerloop_ctx block ended; with diffopt.step(closure) "
-                "compute the outer loss inside the block (its backward may run later)"
-            )
-
-    fmodel.register_forward_pre_hook(closed)
-
-
-def _from_inner_opt(opt: Any) -> tuple[StepMapFactory, Any, list[Tensor] | None]:
-    """Step map, torchopt impl and adapted tensors (``None``: all) of innerloop_ctx's ``opt``."""
-    if isinstance(opt, numbers.Real) and not isinstance(opt, bool):
-        _check_lr(opt)
-        lr = float(opt)
-
-        def gd(spec: FlatSpec, proximal: float | None) -> AbstractStepMap:
-            return GradientDescent(lr, spec.numel, proximal)
-
-        return gd, torchopt.sgd(lr), None
-    if callable(getattr(opt, "init", None)) and callable(getattr(opt, "update", None)):
-        return _optimizer_factory(opt), opt, None
-    if not isinstance(opt, (torch.optim.SGD, torch.optim.Adam)):
-        raise TypeError(
-            "opt must be a torch.optim.SGD or torch.optim.Adam over the model's parameters, "
-            f"a float learning rate, or a torchopt functional optimizer; got {type(opt).__name__}"
-        )
-    if len(opt.param_groups) != 1:
-        raise ValueError(
-            f"opt has {len(opt.param_groups)} param groups; innerloop_ctx supports one"
-        )
-    group = opt.param_groups[0]
-    params = list(group["params"])
-    lr = group["lr"]
-    _check_lr(lr)
-    if isinstance(opt, torch.optim.Adam):
-        if group.get("amsgrad"):
-            raise ValueError("opt: Adam with amsgrad=True is not supported")
-        impl = torchopt.adam(
-            float(lr),
-            betas=tuple(group["betas"]),
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            maximize=group.get("maximize", False),
-        )
-        return _optimizer_factory(impl), impl, params
-    sgd = {k: group.get(k, 0.0) for k in ("momentum", "dampening", "weight_decay")}
-    nesterov, maximize = bool(group.get("nesterov")), bool(group.get("maximize"))
-    if sgd["momentum"] == 0 and sgd["weight_decay"] == 0 and not maximize:
-        lr_f = float(lr)
-
-        def plain(spec: FlatSpec, proximal: float | None) -> AbstractStepMap:
-            return GradientDescent(lr_f, spec.numel, proximal)
-
-        return plain, torchopt.sgd(lr_f), params
-    impl = torchopt.sgd(float(lr), **sgd, nesterov=nesterov, maximize=maximize)
-    return _optimizer_factory(impl), impl, params
