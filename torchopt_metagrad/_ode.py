@@ -24,42 +24,23 @@ __all__ = [
 
 # torchdiffeq keeps its registry private (torchdiffeq._impl.odeint.SOLVERS); read it when
 # present so new solvers are accepted, and fall back to the 0.2.x names otherwise.
+_FIXED = (
+    "euler",
+    "midpoint",
+    "heun2",
+    "heun3",
+    "rk4",
+    "explicit_adams",
+    "implicit_adams",
+    "fixed_adams",
+)
 try:
     from torchdiffeq._impl.odeint import SOLVERS as _SOLVERS
 
     _ALL = tuple(_SOLVERS)
 except ImportError:  # pragma: no cover - depends on torchdiffeq internals
-    _ALL = (
-        "dopri8",
-        "dopri5",
-        "bosh3",
-        "fehlberg2",
-        "adaptive_heun",
-        "euler",
-        "midpoint",
-        "heun2",
-        "heun3",
-        "rk4",
-        "explicit_adams",
-        "implicit_adams",
-        "fixed_adams",
-        "scipy_solver",
-    )
-FIXED_METHODS = frozenset(
-    m
-    for m in _ALL
-    if m
-    in {
-        "euler",
-        "midpoint",
-        "heun2",
-        "heun3",
-        "rk4",
-        "explicit_adams",
-        "implicit_adams",
-        "fixed_adams",
-    }
-)
+    _ALL = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", *_FIXED, "scipy_solver")
+FIXED_METHODS = frozenset(m for m in _ALL if m in _FIXED)
 ADAPTIVE_METHODS = frozenset(m for m in _ALL if m not in FIXED_METHODS)
 
 

@@ -15,14 +15,15 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = [
     "MetricsLog",
     "read_jsonl",
     "training_time",
+    "write_atomic",
     "write_csv",
     "write_json",
     "write_text_atomic",
@@ -97,20 +98,30 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then ``os.replace``.
+
+    A process killed at any moment leaves either the old file or the new one, never a
+    torn one; the temporary file is removed if ``write`` fails.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`write_atomic`)."""
+    data = text.encode("utf-8")
+    write_atomic(path, lambda f: f.write(data))
 
 
 def write_json(path: str | os.PathLike[str], value: Any) -> None:
