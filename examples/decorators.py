@@ -45,10 +45,12 @@ def main() -> dict[str, float]:
             opt.step()
         return phi
 
-    implicit_grad = meta_grad(solve(params, support))
+    with tmg.diagnostics.collect() as reports:
+        implicit_grad = meta_grad(solve(params, support))
+    info = reports[0].info
     print(
-        f"@tmg.implicit: CG took {rule.info.iterations} iterations, residual "
-        f"{rule.info.residual:.1e}"
+        f"@tmg.implicit: CG took {info.iterations} iterations, residual "
+        f"{info.residual:.1e}"
     )
     reference = meta_grad(tmg.adapt(loss_fn, params, support, steps=3000, lr=0.05, rule=rule))
     implicit_diff = float((implicit_grad - reference).norm() / reference.norm())

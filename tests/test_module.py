@@ -514,8 +514,8 @@ def test_restore_releases_the_inner_loop(mode):
     for x, y in p.batches:
         opt.step(p.loss(net(x), y) if mode == "loss" else lambda x=x, y=y: p.loss(net(x), y))
     session = weakref.ref(opt._session)
-    kept = opt._session.records[0]
-    kept = weakref.ref(kept.grads[0] if mode == "loss" else kept.closure)
+    kept = opt._session.loop.entries[0]  # the first step's record entry
+    kept = weakref.ref(kept.grads[0] if mode == "loss" else kept.loss)
     outer = p.loss(net(p.query[0]), p.query[1])
     torchopt.recover_state_dict(net, net_state)
     torchopt.recover_state_dict(opt, opt_state)
@@ -570,7 +570,7 @@ def test_bad_arguments_raise_naming_them():
         )
     rmsprop = torch.optim.RMSprop(net.parameters())
     with (
-        pytest.raises(TypeError, match="opt must be"),
+        pytest.raises(TypeError, match="optimizer must be"),
         tmg.innerloop_ctx(net, rmsprop, rule=tmg.Exact()),
     ):
         pass

@@ -18,8 +18,13 @@ from torchopt_metagrad.errors import (
 )
 from torchopt_metagrad.flow import adjoint, flow, implicit
 from torchopt_metagrad.functional import adapt
-from torchopt_metagrad.higher_compat import DifferentiableOptimizer, innerloop_ctx
-from torchopt_metagrad.module import MetaAdam, MetaOptimizer, MetaSGD
+from torchopt_metagrad.module import (
+    DifferentiableOptimizer,
+    MetaAdam,
+    MetaOptimizer,
+    MetaSGD,
+    innerloop_ctx,
+)
 from torchopt_metagrad.rules import (
     AbstractRule,
     Adjoint,

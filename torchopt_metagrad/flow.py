@@ -1,12 +1,14 @@
-"""Continuous inner problems: ``tmg.flow`` and the gradient decorators.
+"""Continuous and solver front ends: ``tmg.flow`` and the gradient decorators.
 
-* :func:`flow` solves the inner gradient flow with torchdiffeq and differentiates
-  it with a flow rule (``tmg.Adjoint``), at constant graph memory in T.
-* :func:`implicit` turns any user-written inner solver into a function whose
-  output is differentiated implicitly (``tmg.ImplicitCG``), in the style of
-  ``torchopt.diff.implicit.custom_root``.
-* :func:`adjoint` attaches the adjoint backward to a user's own inner dynamics
-  that return the states on a uniform time grid.
+* :func:`flow` solves the inner gradient flow with torchdiffeq and differentiates it with
+  a flow rule (``tmg.Adjoint``), at constant graph memory in T;
+* :func:`implicit` turns any user-written inner solver into a function whose output is
+  differentiated implicitly by a fixed-point rule (``tmg.ImplicitCG``,
+  ``tmg.ImplicitNeumann``), in the style of ``torchopt.diff.implicit.custom_root``;
+* :func:`adjoint` attaches a flow rule's backward to a user's own inner dynamics that
+  return the states on a uniform time grid.
+
+Each builds a record of states and links it with the one autograd node of the core.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchopt_metagrad import _ode
-from torchopt_metagrad.bridge import MetaGradientBridge
+from torchopt_metagrad._core import ode as _ode
+from torchopt_metagrad._core.checks import check_callable, check_params, check_positive
+from torchopt_metagrad._core.flat import FlatSpec
+from torchopt_metagrad._core.link import Link
+from torchopt_metagrad._core.needs import Offers, check_fit
+from torchopt_metagrad._core.record import Record
+from torchopt_metagrad._core.replay import StepLoss
 from torchopt_metagrad.errors import NonFiniteError
-from torchopt_metagrad.functional import check_params, check_rule
+from torchopt_metagrad.functional import flat_loss
 from torchopt_metagrad.rules.adjoint import Adjoint
-from torchopt_metagrad.rules.implicit import ImplicitCG
-from torchopt_metagrad.trajectory import BatchSchedule, InnerProblem, Trajectory
+from torchopt_metagrad.rules.base import AbstractRule, check_rule
 
 __all__ = ["adjoint", "flow", "implicit"]
 
@@ -37,88 +43,77 @@ def flow(
     batch: Any = None,
     *,
     T: float,
-    rule: Adjoint | None = None,
-    method: str = "dopri5",
-    rtol: float = 1e-7,
-    atol: float = 1e-9,
-    step_size: float | None = None,
+    rule: AbstractRule | None = None,
+    solver: _ode.ODE | None = None,
     save_every: float = 0.01,
 ) -> dict[str, Tensor]:
     r"""Adapt ``params`` by the gradient flow :math:`\dot u = -\nabla \ell(u)` for time ``T``.
 
-    The flow is solved with torchdiffeq's ``odeint`` (any of its methods) without a
-    graph; its states are kept on the grid ``t = 0, h, ..., T`` (``h`` close to
-    ``save_every``), and the backward of anything computed from the result runs
-    ``rule`` (default ``tmg.Adjoint()``) over them. Graph memory does not grow
-    with ``T``; the stored states take ``T / save_every`` flat copies of the params.
+    The flow is solved with torchdiffeq's ``odeint`` (``solver``, a :class:`tmg.ODE`)
+    without a graph; its states are kept on the grid ``t = 0, h, ..., T`` (``h`` the
+    nearest divisor of ``T`` to ``save_every``), and the backward of anything computed
+    from the result runs ``rule`` (default ``tmg.Adjoint()``, which by default solves the
+    adjoint with the same ``solver``, so the meta-gradient is as accurate as the forward
+    solve). Graph memory does not grow with ``T``; the states take ``T / h`` flat copies
+    of the params.
+
+    For non-smooth networks (ReLU) an adaptive solver may shrink its steps at every
+    kink: use a fixed-step method, e.g. ``tmg.ODE("rk4")`` (step = the storage grid) or
+    ``tmg.ODE("euler", step_size=...)``. ``ODE.max_steps`` bounds the work of an adaptive
+    solve and raises :class:`tmg.ODESolveError` when exceeded.
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar`` as in :func:`tmg.adapt`.
         params: initial parameters (floating point, requiring grad).
         batch: the inner batch (one objective for the whole flow).
         T: adaptation time > 0 (A-MAML uses 2 and 5, i.e. 200 and 500 steps of 0.01).
-        rule: a flow rule (``tmg.Adjoint(...)``).
-        method: torchdiffeq method of the forward solve (``dopri5``, ``rk4``, ...).
-        rtol: relative tolerance of adaptive methods.
-        atol: absolute tolerance of adaptive methods.
-        step_size: step of fixed-grid methods (``None``: the storage grid).
-        save_every: spacing ``h`` of the stored states (> 0).
+        rule: a flow rule (default ``tmg.Adjoint()``).
+        solver: the forward solve (default ``tmg.ODE()``: dopri5, rtol 1e-7, atol 1e-9).
+        save_every: spacing ``h`` of the stored states (``0 < save_every <= T``).
 
     Returns:
         ``{name: u(T)}`` with the keys of ``params``.
 
     Raises:
-        ODESolveError: the forward (or backward) solve failed; says where.
+        ODESolveError: the forward (or backward) solve failed or ran out of steps.
         NonFiniteError: a stored state is not finite.
     """
     spec = check_params(params)
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    check_callable(loss_fn, "loss_fn")
     rule = Adjoint() if rule is None else rule
     check_rule(rule)
-    if not rule.supports_flow:
-        raise TypeError(
-            f"tmg.flow needs a rule that works on a gradient flow (tmg.Adjoint), got {rule!r}"
-        )
-    _ode.check_tolerance(T, "T")
-    _ode.check_tolerance(save_every, "save_every")
-    _ode.check_method(method)
-    _ode.check_tolerance(rtol, "rtol")
-    _ode.check_tolerance(atol, "atol")
-    if step_size is not None:
-        _ode.check_tolerance(step_size, "step_size")
+    T = check_positive(T, "T")
+    save_every = check_positive(save_every, "save_every")
+    if save_every > T:
+        raise ValueError(f"save_every={save_every:g} is larger than T={T:g}; use save_every <= T")
+    solver = _ode.ODE() if solver is None else solver
+    if not isinstance(solver, _ode.ODE):
+        raise TypeError(f"solver must be a tmg.ODE, got {solver!r}")
     n = max(1, round(T / save_every))
-    problem = InnerProblem(loss_fn, spec, None, BatchSchedule(batch, None, n))
+    h = T / n
+    rule.validate(n)
+    check_fit(rule, rule.needs(n), _offers("tmg.flow", flow_samples=True))
+    loss = StepLoss(flat_loss(loss_fn, spec), batch, batchable=True)
 
     def field(t: Tensor, u: Tensor) -> Tensor:
         with torch.enable_grad():
             leaf = u.detach().requires_grad_(True)
-            loss = problem.loss(leaf, batch)
-            _check_scalar(loss)
-            (grad,) = torch.autograd.grad(loss, leaf)
+            value = loss.evaluate(leaf, record=False, watch=False)
+            _check_scalar(value)
+            (grad,) = torch.autograd.grad(value, leaf)
         return -grad
 
-    def runner(theta: Tensor) -> tuple[Tensor, Trajectory]:
-        times = _ode.linspace(float(T), n, theta)
-        states = _ode.solve(
-            "forward gradient-flow solve",
-            field,
-            theta,
-            times,
-            method=method,
-            rtol=rtol,
-            atol=atol,
-            step_size=step_size,
-        )
-        _check_states(states, float(T) / n)
-        return states[-1], Trajectory(problem, 0, states, [()] * (n + 1), float(T) / n)
-
     leaves = list(params.values())
-    return dict(zip(spec.names, MetaGradientBridge.apply(runner, rule, *leaves), strict=True))
+    theta = spec.flatten([t.detach() for t in leaves])
+    times = _ode.linspace(T, n, theta)
+    states = _ode.solve("forward gradient-flow solve", field, theta, times, solver, grid_step=h)
+    _check_states(states, h)
+    record = Record.of_states(spec, states, loss, time_step=h, solver=solver)
+    return dict(zip(spec.names, Link.apply(record, rule, "tmg.flow", *leaves), strict=True))
 
 
 def implicit(
-    loss_fn: LossFn, rule: ImplicitCG
+    loss_fn: LossFn, rule: AbstractRule
 ) -> Callable[[Callable[[dict[str, Tensor], Any], Mapping[str, Tensor]]], Callable[..., Any]]:
     r"""Decorator: differentiate a user's inner solver implicitly (iMAML).
 
@@ -126,9 +121,9 @@ def implicit(
     minimize ``loss_fn(phi, batch) + rule.reg / 2 * ||phi - params||^2`` over
     ``phi`` — with any optimizer and any number of steps; it runs without a
     graph. The returned function has the same signature; the backward of
-    anything computed from its output solves
-    :math:`(I + H/r) x = g` at the returned point (see :class:`tmg.ImplicitCG`),
-    and ``rule.info`` then holds the CG iteration count and residual.
+    anything computed from its output solves :math:`(I + H/r) x = g` at the returned
+    point with ``rule`` (a fixed-point rule: ``tmg.ImplicitCG``, ``tmg.ImplicitNeumann``),
+    whose diagnostics reach ``tmg.diagnostics.collect()``.
 
     Example::
 
@@ -147,28 +142,28 @@ def implicit(
 
         solve(dict(net.named_parameters()), batch)  # differentiable w.r.t. params
     """
+    check_callable(loss_fn, "loss_fn")
     check_rule(rule)
-    if not isinstance(rule, ImplicitCG):
-        raise TypeError(f"rule must be a tmg.ImplicitCG, got {rule!r}")
+    # the user's solver minimizes the proximal objective: the proximal term is theirs
+    check_fit(rule, rule.needs(0), _offers("tmg.implicit", flow_samples=False, proximal=True))
 
     def decorator(
         solver: Callable[[dict[str, Tensor], Any], Mapping[str, Tensor]],
     ) -> Callable[..., dict[str, Tensor]]:
+        check_callable(solver, "solver")
+
         @functools.wraps(solver)
         def wrapped(params: Mapping[str, Tensor], batch: Any = None) -> dict[str, Tensor]:
             spec = check_params(params)
-            problem = InnerProblem(loss_fn, spec, None, BatchSchedule(batch, None, 0))
-
-            def runner(theta: Tensor) -> tuple[Tensor, Trajectory]:
-                anchor = {k: t.clone() for k, t in spec.unflatten(theta).items()}
-                with torch.enable_grad():  # the solver may take gradients; theta is detached
-                    out = solver(anchor, batch)
-                phi = _flatten_output(out, spec.names, "solver").detach()
-                return phi, Trajectory(problem, 0, phi[None], [()], None)
-
-            leaves = list(params.values())
-            adapted = MetaGradientBridge.apply(runner, rule, *leaves)
-            return dict(zip(spec.names, adapted, strict=True))
+            anchor = {k: t.detach().clone() for k, t in params.items()}
+            with torch.enable_grad():  # the solver may take gradients; the anchor is constant
+                out = solver(anchor, batch)
+            phi = _flatten_output(out, spec, "solver").detach()
+            loss = StepLoss(flat_loss(loss_fn, spec), batch, batchable=True)
+            record = Record.of_states(spec, phi[None], loss)
+            return dict(
+                zip(spec.names, Link.apply(record, rule, "tmg.implicit", *params.values()), strict=True)
+            )
 
         return wrapped
 
@@ -176,16 +171,21 @@ def implicit(
 
 
 def adjoint(
-    loss_fn: LossFn, *, T: float, rule: Adjoint | None = None
+    loss_fn: LossFn, *, T: float, rule: AbstractRule | None = None
 ) -> Callable[[Callable[..., Sequence[Mapping[str, Tensor]]]], Callable[..., Any]]:
-    r"""Decorator: attach the adjoint backward (A-MAML) to a user's inner dynamics.
+    r"""Decorator: attach a flow rule's backward (A-MAML) to a user's inner dynamics.
 
     The decorated ``dynamics(params, batch) -> states`` runs the user's own
     integrator of the gradient flow of ``loss_fn`` (without a graph) and returns
     the list of states ``[u(0), u(h), ..., u(T)]`` on a uniform grid (each a dict
     like ``params``; ``u(0)`` is ``params``). The returned function gives the final
     state ``u(T)``; its backward solves the adjoint ODE over the returned states
-    with ``rule`` (default ``tmg.Adjoint()``, the modified Euler scheme).
+    with ``rule`` (default ``tmg.Adjoint()``: the modified Euler scheme).
+
+    The states are checked against ``T``: on the first and last intervals the step
+    ``||u_{k+1} - u_k||`` must be within 10% of ``h ||grad l||`` (trapezoid), with
+    ``h = T / (len(states) - 1)``; otherwise ``ValueError`` (a wrong ``T`` or grid would
+    give a silently wrong meta-gradient).
 
     Example::
 
@@ -199,54 +199,65 @@ def adjoint(
                 states.append(u)
             return states
     """
+    check_callable(loss_fn, "loss_fn")
     rule = Adjoint() if rule is None else rule
     check_rule(rule)
-    if not rule.supports_flow:
-        raise TypeError(f"rule must be a flow rule such as tmg.Adjoint(), got {rule!r}")
-    _ode.check_tolerance(T, "T")
+    T = check_positive(T, "T")
+    check_fit(rule, rule.needs(1), _offers("tmg.adjoint", flow_samples=True))
 
     def decorator(
         dynamics: Callable[..., Sequence[Mapping[str, Tensor]]],
     ) -> Callable[..., dict[str, Tensor]]:
+        check_callable(dynamics, "dynamics")
+
         @functools.wraps(dynamics)
         def wrapped(params: Mapping[str, Tensor], batch: Any = None) -> dict[str, Tensor]:
             spec = check_params(params)
-
-            def runner(theta: Tensor) -> tuple[Tensor, Trajectory]:
-                start = {
-                    k: t.clone().requires_grad_(True) for k, t in spec.unflatten(theta).items()
-                }
-                with torch.enable_grad():  # the dynamics take gradients of the inner loss
-                    states = dynamics(start, batch)
-                if not isinstance(states, Sequence) or len(states) < 2:
-                    raise ValueError(
-                        "the adjoint-decorated function must return the list of states "
-                        "[u(0), ..., u(T)] (at least two)"
-                    )
-                flat = torch.stack(
-                    [
-                        _flatten_output(s, spec.names, f"state {i}").detach()
-                        for i, s in enumerate(states)
-                    ]
+            start = {k: t.detach().clone().requires_grad_(True) for k, t in params.items()}
+            with torch.enable_grad():  # the dynamics take gradients of the inner loss
+                states = dynamics(start, batch)
+            if not isinstance(states, Sequence) or len(states) < 2:
+                raise ValueError(
+                    "the adjoint-decorated function must return the list of states "
+                    "[u(0), ..., u(T)] (at least two)"
                 )
-                n = len(states) - 1
-                _check_states(flat, float(T) / n)
-                problem = InnerProblem(loss_fn, spec, None, BatchSchedule(batch, None, n))
-                return flat[-1], Trajectory(problem, 0, flat, [()] * (n + 1), float(T) / n)
-
-            leaves = list(params.values())
-            adapted = MetaGradientBridge.apply(runner, rule, *leaves)
-            return dict(zip(spec.names, adapted, strict=True))
+            flat = torch.stack(
+                [_flatten_output(s, spec, f"state {i}").detach() for i, s in enumerate(states)]
+            )
+            n = len(states) - 1
+            h = T / n
+            _check_states(flat, h)
+            loss = StepLoss(flat_loss(loss_fn, spec), batch, batchable=True)
+            _check_grid(loss, flat, h, T)
+            rule.validate(n)
+            record = Record.of_states(spec, flat, loss, time_step=h)
+            return dict(
+                zip(spec.names, Link.apply(record, rule, "tmg.adjoint", *params.values()), strict=True)
+            )
 
         return wrapped
 
     return decorator
 
 
-def _flatten_output(out: Any, names: tuple[str, ...], what: str) -> Tensor:
-    if not isinstance(out, Mapping) or set(out) != set(names):
-        raise ValueError(f"{what} must return a dict with the keys of params: {list(names)}")
-    return torch.cat([out[k].reshape(-1) for k in names])
+def _offers(name: str, *, flow_samples: bool, proximal: bool = False) -> Offers:
+    return Offers(
+        name,
+        per_step_batches=False,
+        flow_samples=flow_samples,
+        proximal=proximal,
+        step_jacobians=False,
+        graph=False,
+    )
+
+
+def _flatten_output(out: Any, spec: FlatSpec, what: str) -> Tensor:
+    if not isinstance(out, Mapping) or set(out) != set(spec.names):
+        raise ValueError(f"{what} must return a dict with the keys of params: {list(spec.names)}")
+    for k in spec.names:
+        if not isinstance(out[k], Tensor) or out[k].shape != spec.shapes[spec.names.index(k)]:
+            raise ValueError(f"{what}[{k!r}] must be a tensor shaped like params[{k!r}]")
+    return torch.cat([out[k].reshape(-1).to(spec.dtype) for k in spec.names])
 
 
 def _check_scalar(loss: Any) -> None:
@@ -261,3 +272,31 @@ def _check_states(states: Tensor, h: float) -> None:
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
         raise NonFiniteError(f"the inner state is not finite at t={i * h:.6g} (stored state {i})")
+
+
+def _check_grid(loss: StepLoss, states: Tensor, h: float, T: float) -> None:
+    """Refuse states that are not the gradient flow of the loss on a grid of step ``h``.
+
+    On the first and last intervals the distance moved must lie between ``h`` times the
+    smaller and the larger gradient norm at the two ends (within 5%): true of any
+    consistent integrator of the flow, false when ``T`` or the grid is wrong.
+    """
+    n = states.shape[0] - 1
+    for k in sorted({0, n - 1}):
+        norms = []
+        for u in (states[k], states[k + 1]):
+            with torch.enable_grad():
+                leaf = u.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(loss(leaf), leaf)
+            norms.append(float(g.norm()))
+        moved = float((states[k + 1] - states[k]).norm())
+        lo, hi = 0.95 * h * min(norms), 1.05 * h * max(norms)
+        if lo <= moved <= hi or moved == hi == 0.0:
+            continue
+        ratio = moved / (h * max(norms)) if moved > hi else moved / (h * min(norms))
+        raise ValueError(
+            f"the states returned by the dynamics do not match T={T:g}: between states {k} "
+            f"and {k + 1} the flow moved {ratio:.3g}x the distance h*||grad l|| expected with "
+            f"h = T/{n} = {h:.6g} (it looks like T={T * ratio:.4g}); pass the T the dynamics "
+            "integrate over and return every state of the uniform grid"
+        )

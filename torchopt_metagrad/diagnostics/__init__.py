@@ -1,4 +1,7 @@
-"""Diagnostics: measuring what a meta-gradient rule costs (memory, ...)."""
+"""Diagnostics: what a rule reported (``collect``), and what it costs (memory, ...)."""
+
+from torchopt_metagrad._core.engine import reset_fallback_warnings
+from torchopt_metagrad._core.link import RuleReport, collect
 
 from torchopt_metagrad.diagnostics.memory import (
     LiveMemoryTracker,
@@ -11,10 +14,13 @@ from torchopt_metagrad.diagnostics.memory import (
 )
 
 __all__ = [
+    "RuleReport",
+    "collect",
     "LiveMemoryTracker",
     "peak_cuda_bytes",
     "peak_live_bytes",
     "peak_rss_bytes",
+    "reset_fallback_warnings",
     "reset_peak_rss",
     "track_live_memory",
     "unwrap_functorch",

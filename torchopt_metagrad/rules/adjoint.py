@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from torchopt_metagrad import _ode
-from torchopt_metagrad.rules.base import AbstractRule, StepJacobians, ensure_finite, register
+from torchopt_metagrad.rules.base import FlowRule, RecordProtocol, ensure_finite, register
 
 __all__ = ["Adjoint"]
 
@@ -19,7 +19,7 @@ _BACKWARDS = ("heun", "odeint", "reintegrate")
 
 @register("adjoint")
 @dataclass(frozen=True)
-class Adjoint(AbstractRule):
+class Adjoint(FlowRule):
     r"""Adjoint method for the inner gradient flow (A-MAML).
 
     The inner loop is the gradient flow :math:`\dot u = -\nabla \ell(u)`,
@@ -60,8 +60,6 @@ class Adjoint(AbstractRule):
         step_size: step of fixed-grid methods (``None``: torchdiffeq's default).
     """
 
-    uses_step_jacobians = False
-    uses_hessians = True
 
     backward: str = "heun"
     method: str = "dopri5"
@@ -69,8 +67,6 @@ class Adjoint(AbstractRule):
     atol: float = 1e-9
     step_size: float | None = None
 
-    supports_per_step_batches = False
-    supports_flow = True
 
     def __post_init__(self) -> None:
         if self.backward not in _BACKWARDS:
@@ -81,38 +77,38 @@ class Adjoint(AbstractRule):
         if self.step_size is not None:
             _ode.check_tolerance(self.step_size, "step_size")
 
-    def meta_gradient(self, jac: StepJacobians, g: Tensor) -> Tensor:
-        h = jac.time_step
+    def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor:
+        h = record.time_step
         if h is None:
             raise ValueError(
                 "Adjoint needs samples of a gradient flow: tmg.adapt with plain gradient descent "
                 "(lr=..., no optimizer) or tmg.flow"
             )
-        lam = g[: jac.param_dim]
-        N = jac.num_steps
+        lam = g[: record.param_dim]
+        N = record.num_steps
         if self.backward == "heun":
             for k in reversed(range(N)):
-                a = jac.hvp(k + 1, lam)
-                b = jac.hvp(k, lam - h * a)
+                a = record.hvp(k + 1, lam)
+                b = record.hvp(k, lam - h * a)
                 lam = lam - (0.5 * h) * (a + b)
                 ensure_finite(lam, partial(_where, k, h))
             return lam
         T = N * h
         if self.backward == "odeint":
-            return self._odeint(jac, lam, h, T)
-        return self._reintegrate(jac, lam, T)
+            return self._odeint(record, lam, h, T)
+        return self._reintegrate(record, lam, T)
 
-    def _odeint(self, jac: StepJacobians, g: Tensor, h: float, T: float) -> Tensor:
-        N = jac.num_steps
+    def _odeint(self, record: RecordProtocol, g: Tensor, h: float, T: float) -> Tensor:
+        N = record.num_steps
 
         def rhs(t: Tensor, lam: Tensor) -> Tensor:
             s = min(max(float(t) / h, 0.0), float(N))
             k = min(math.floor(s), N - 1)
             w = s - k
-            u = (1 - w) * jac.snapshot(k)[: jac.param_dim] + w * jac.snapshot(k + 1)[
-                : jac.param_dim
+            u = (1 - w) * record.snapshot(k)[: record.param_dim] + w * record.snapshot(k + 1)[
+                : record.param_dim
             ]
-            return jac.hvp_at(u, lam, k=k)
+            return record.hvp_at(u, lam, k=k)
 
         times = torch.tensor([T, 0.0], dtype=g.dtype, device=g.device)
         lam = _ode.solve(
@@ -128,14 +124,14 @@ class Adjoint(AbstractRule):
         ensure_finite(lam, lambda: "in the backward adjoint solve (odeint)")
         return lam
 
-    def _reintegrate(self, jac: StepJacobians, g: Tensor, T: float) -> Tensor:
+    def _reintegrate(self, record: RecordProtocol, g: Tensor, T: float) -> Tensor:
         def field(t: Tensor, u: Tensor) -> Tensor:
-            return jac.vector_field(u, create_graph=torch.is_grad_enabled())
+            return record.vector_field(u, create_graph=torch.is_grad_enabled())
 
         times = torch.tensor([0.0, T], dtype=g.dtype, device=g.device)
         clock = _ode._Clock(0.0)
         with torch.enable_grad():
-            u0 = jac.snapshot(0)[: jac.param_dim].detach().requires_grad_(True)
+            u0 = record.snapshot(0)[: record.param_dim].detach().requires_grad_(True)
             uT = _ode.solve(
                 "backward adjoint solve (odeint_adjoint's forward re-run)",
                 field,

@@ -1,161 +1,207 @@
-"""The rule interface, the protocol rules consume, and the registry of rules by name.
+"""The rule interface, its family bases, and the registry of rules by name.
 
-A rule is a small frozen dataclass of knobs plus ``meta_gradient``, which turns
-the step Jacobians of a recorded trajectory and the outer gradient ``g`` into a
-meta-gradient estimate. Rules never see modules, optimizers or losses: only
-:class:`StepJacobians`.
+A rule is a small frozen dataclass of knobs plus ``meta_gradient(record, g)``, which
+turns a recorded inner loop (the record protocol,
+:class:`~torchopt_metagrad._core.protocol.RecordProtocol`) and the outer gradient ``g``
+into a meta-gradient estimate. What a rule needs recorded is one value,
+:class:`~torchopt_metagrad._core.needs.Needs`, filled in by its family base:
+
+* :class:`StepProductRule` — estimators of the product ``(I + A_0) ... (I + A_{K-1}) g``
+  of step Jacobians (first-order, truncated, binomial, exact); a rule says only from
+  which step on it needs snapshots;
+* :class:`FixedPointRule` — implicit differentiation of the proximal inner problem's
+  solution (iMAML); the base declares the proximal term and the curvature at the final
+  state from the ``reg`` knob;
+* :class:`FlowRule` — rules on the inner gradient flow (A-MAML);
+* :class:`GraphRule` — differentiate through the kept unrolled graph.
+
+So a new rule in a family cannot forget to declare what it needs. Rules never see
+modules, optimizers or losses, and never store anything in themselves: diagnostics are
+returned in an :class:`~torchopt_metagrad._core.protocol.Estimate`.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-import torch
 from torch import Tensor
 
-from torchopt_metagrad.errors import NonFiniteError
+from torchopt_metagrad._core.checks import check_int, check_positive, ensure_finite
+from torchopt_metagrad._core.needs import Needs
+from torchopt_metagrad._core.protocol import Estimate, RecordProtocol
 
 __all__ = [
+    "RESERVED_KNOBS",
     "AbstractRule",
-    "StepJacobians",
+    "Estimate",
+    "FixedPointRule",
+    "FlowRule",
+    "GraphRule",
+    "RecordProtocol",
+    "StepProductRule",
     "available_rules",
     "check_order",
+    "check_rule",
     "ensure_finite",
     "make_rule",
     "register",
     "rule_class",
 ]
 
-
-class StepJacobians(Protocol):
-    """The step Jacobians of a K-step trajectory, as linear maps ``v -> A_k v``.
-
-    ``A_k = J_k^T - I`` with ``J_k`` the Jacobian of the k-th step map at its
-    snapshot (for gradient descent ``A_k = -lr * H_k``).
-    """
-
-    @property
-    def num_steps(self) -> int:
-        """Number of inner steps K."""
-        ...
-
-    def apply(self, k: int, v: Tensor) -> Tensor:
-        """``A_k v``."""
-        ...
-
-    def apply_many(
-        self, start: int, vectors: Tensor, *, chunk_size: int | None = ..., vectorize: bool = ...
-    ) -> Tensor:
-        """``A_{start+r} vectors[r]`` for every row ``r``, independent products in one call."""
-        ...
-
-    @property
-    def param_dim(self) -> int:
-        """Length of the parameter block at the front of the state."""
-        ...
-
-    @property
-    def time_step(self) -> float | None:
-        """``h`` when snapshot ``k`` samples a gradient flow at ``t = k h``, else ``None``."""
-        ...
-
-    def snapshot(self, k: int) -> Tensor:
-        """The stored state ``z_k``; ``k = K`` is the final state."""
-        ...
-
-    def hvp(self, k: int, v: Tensor) -> Tensor:
-        """``H_k v``: Hessian of the plain inner loss at snapshot ``k`` (parameter space)."""
-        ...
-
-    def hvp_at(self, params: Tensor, v: Tensor, *, k: int = ...) -> Tensor:
-        """``H v`` at arbitrary flat ``params`` (with the batch of step ``k``)."""
-        ...
-
-    def vector_field(self, params: Tensor, *, create_graph: bool = ...) -> Tensor:
-        """The gradient-flow vector field ``-grad l(params)``."""
-        ...
+#: Knob names a rule may not use: they are keys of the recipes' method specs
+#: (``binomial:order=2,steps=10,label=...``) and of the runner, so a knob with one of
+#: these names would be ambiguous on every recipe's command line.
+RESERVED_KNOBS = frozenset({"name", "steps", "lr", "label", "flow", "seed", "rule"})
 
 
 @dataclass(frozen=True)
 class AbstractRule(abc.ABC):
     """A way to compute the meta-gradient of a differentiable inner loop.
 
-    Subclasses are frozen dataclasses of knobs, registered by name with
-    :func:`register`.
+    Subclass one of the family bases (not this class) and register the rule by name
+    with :func:`register`.
     """
 
     name: ClassVar[str] = ""
-    #: True for the rule that differentiates through the kept unrolled graph instead
-    #: of recomputing step Jacobians from snapshots (the front end then keeps the graph).
-    differentiates_through_loop: ClassVar[bool] = False
-    #: False for rules that never call ``jac.apply``/``apply_many`` (no step Jacobians).
-    uses_step_jacobians: ClassVar[bool] = True
-    #: True for rules that evaluate the plain inner loss's Hessian at stored states
-    #: (``jac.hvp``), which needs the inner loss at points where no step took a gradient.
-    uses_hessians: ClassVar[bool] = False
-    #: False for rules that differentiate the solution of a single inner objective.
-    supports_per_step_batches: ClassVar[bool] = True
-    #: True for rules that need only Hessian-vector products along a gradient flow
-    #: (usable with :func:`tmg.flow`), not the discrete step Jacobians.
-    supports_flow: ClassVar[bool] = False
-
-    @property
-    def proximal_reg(self) -> float | None:
-        """Strength ``r`` of a proximal term ``r/2 ||phi - theta||^2`` the front end must add."""
-        return None
-
-    def validate(self, steps: int) -> None:  # noqa: B027 - optional hook
-        """Check the knobs against the number of inner steps; raise ``ValueError`` if unfit."""
-
-    def first_step_needed(self, steps: int) -> int:
-        """First inner step whose snapshot the rule uses (``steps``: none)."""
-        return 0
 
     @abc.abstractmethod
-    def meta_gradient(self, jac: StepJacobians, g: Tensor) -> Tensor:
-        """The meta-gradient estimate given ``g = dL/dz_K``.
+    def needs(self, steps: int) -> Needs:
+        """What must be recorded for a meta-gradient after ``steps`` inner steps."""
 
-        Returns a vector whose first ``jac.param_dim`` entries are the estimate
-        (the rest, if any, is the inner-state part and is discarded).
+    def validate(self, steps: int) -> None:  # noqa: B027 - optional hook
+        """Raise ``ValueError`` if the knobs do not fit ``steps`` inner steps."""
+
+    @abc.abstractmethod
+    def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor | Estimate:
+        """The meta-gradient estimate given ``g = dL/dz_K`` (state-sized).
+
+        Returns a state-sized vector (or an :class:`Estimate` holding one) whose first
+        ``record.param_dim`` entries are the estimate for the initial parameters.
         """
 
 
-def check_order(order: Any, *, name: str = "order") -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``order`` is an int >= 0."""
-    if isinstance(order, bool) or not isinstance(order, int):
-        raise TypeError(f"{name} must be an int >= 0, got {order!r}")
-    if order < 0:
-        raise ValueError(f"{name} must be >= 0, got {order}")
+@dataclass(frozen=True)
+class StepProductRule(AbstractRule):
+    r"""Estimators of :math:`(I + A_0) \cdots (I + A_{K-1})\, g` from step Jacobians.
+
+    Override :meth:`first_step` when the rule uses only the last steps.
+    """
+
+    def first_step(self, steps: int) -> int:
+        """First inner step whose Jacobian the rule applies (``steps``: none)."""
+        return 0
+
+    def needs(self, steps: int) -> Needs:
+        first = self.first_step(steps)
+        return Needs(snapshots_from=first, step_jacobians=first < steps)
 
 
-def check_order_fits(rule: AbstractRule, order: int, steps: int) -> None:
-    """Raise ``ValueError`` if ``order > steps`` (never clipped silently)."""
-    if order > steps:
-        raise ValueError(
-            f"{type(rule).__name__}: order={order} is larger than steps={steps}; use order <= "
-            f"steps (order == steps is the exact meta-gradient)"
+@dataclass(frozen=True)
+class FixedPointRule(AbstractRule):
+    r"""Implicit differentiation of the proximal inner problem's solution (iMAML).
+
+    The front end adds :math:`\frac{r}{2}\|\phi - \theta\|^2` to every inner step
+    (``r = reg``); at its minimizer the meta-gradient is
+    :math:`(I + H/r)^{-1} g` with :math:`H` the inner loss's Hessian there. Subclasses
+    implement the solve; :meth:`operator` gives ``v -> (I + H/r) v`` at the final state.
+
+    Args:
+        reg: proximal strength ``r > 0`` (iMAML's lambda).
+    """
+
+    reg: float
+
+    def __post_init__(self) -> None:
+        check_positive(self.reg, "reg")
+
+    def needs(self, steps: int) -> Needs:
+        return Needs(
+            snapshots_from=steps, curvature=True, proximal=float(self.reg), per_step_batches=False
+        )
+
+    def operator(self, record: RecordProtocol) -> Callable[[Tensor], Tensor]:
+        """``v -> (I + H/reg) v`` with ``H`` the inner loss's Hessian at the final params."""
+        K, reg = record.num_steps, float(self.reg)
+        return lambda v: v + record.hvp(K, v) / reg
+
+
+@dataclass(frozen=True)
+class FlowRule(AbstractRule):
+    r"""Rules on the inner gradient flow :math:`\dot u = -\nabla \ell(u)` (A-MAML)."""
+
+    def needs(self, steps: int) -> Needs:
+        return Needs(snapshots_from=0, curvature=True, flow=True, per_step_batches=False)
+
+
+@dataclass(frozen=True)
+class GraphRule(AbstractRule):
+    """Rules that differentiate through the kept unrolled graph (no record)."""
+
+    def needs(self, steps: int) -> Needs:
+        return Needs(snapshots_from=steps, graph=True)
+
+    def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor | Estimate:
+        raise RuntimeError(
+            f"{type(self).__name__} differentiates through the kept graph; it has no "
+            "record-based backward"
         )
 
 
-def ensure_finite(t: Tensor, where: Callable[[], str]) -> None:
-    """Raise :class:`NonFiniteError` if ``t`` has a NaN or infinity; ``where()`` names it."""
-    if not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(f"the meta-gradient became non-finite {where()}")
+def check_rule(rule: Any, name: str = "rule") -> None:
+    """Raise ``TypeError`` unless ``rule`` is a meta-gradient rule object."""
+    if not isinstance(rule, AbstractRule):
+        raise TypeError(
+            f"{name} must be a meta-gradient rule such as tmg.Exact() or tmg.Binomial(2), "
+            f"got {rule!r}"
+        )
+
+
+def check_order(rule: AbstractRule, order: Any, steps: int | None = None) -> None:
+    """Raise unless ``order`` is an int >= 0 (and, given ``steps``, ``order <= steps``)."""
+    check_int(order, "order", minimum=0)
+    if steps is not None and order > steps:
+        raise ValueError(
+            f"{type(rule).__name__}: order={order} is larger than steps={steps}; use order <= "
+            "steps (order == steps is the exact meta-gradient)"
+        )
 
 
 _REGISTRY: dict[str, type[AbstractRule]] = {}
 R = TypeVar("R", bound=type[AbstractRule])
+_FAMILIES = (StepProductRule, FixedPointRule, FlowRule, GraphRule)
 
 
 def register(name: str) -> Callable[[R], R]:
-    """Class decorator: register a rule class under ``name``."""
+    """Class decorator: register a rule class under ``name``.
+
+    Raises:
+        ValueError: the name is taken, or a knob uses a reserved name.
+        TypeError: the class is not a frozen dataclass of one of the family bases.
+    """
 
     def deco(cls: R) -> R:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"a rule name must be an identifier, got {name!r}")
         if name in _REGISTRY:
             raise ValueError(f"a rule named {name!r} is already registered")
+        if not issubclass(cls, _FAMILIES):
+            raise TypeError(
+                f"{cls.__name__} must subclass one of the rule families: "
+                + ", ".join(f.__name__ for f in _FAMILIES)
+            )
+        params = getattr(cls, "__dataclass_params__", None)
+        if params is None or not params.frozen:
+            raise TypeError(f"{cls.__name__} must be a frozen dataclass")
+        clash = sorted(f.name for f in dataclasses.fields(cls) if f.name in RESERVED_KNOBS)
+        if clash:
+            raise ValueError(
+                f"{cls.__name__}: knob name(s) {clash} are reserved for the recipes' method "
+                f"specs ({', '.join(sorted(RESERVED_KNOBS))}); rename them"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -172,7 +218,7 @@ def rule_class(name: str) -> type[AbstractRule]:
     """The rule class registered as ``name``."""
     try:
         return _REGISTRY[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(
             f"unknown rule {name!r}; available: {', '.join(available_rules())}"
         ) from None
@@ -181,3 +227,4 @@ def rule_class(name: str) -> type[AbstractRule]:
 def make_rule(name: str, **knobs: Any) -> AbstractRule:
     """Build the rule registered as ``name``: ``make_rule("binomial", order=2)``."""
     return rule_class(name)(**knobs)
+

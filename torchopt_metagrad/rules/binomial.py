@@ -8,10 +8,9 @@ from functools import partial
 from torch import Tensor
 
 from torchopt_metagrad.rules.base import (
-    AbstractRule,
-    StepJacobians,
+    RecordProtocol,
+    StepProductRule,
     check_order,
-    check_order_fits,
     ensure_finite,
     register,
 )
@@ -21,7 +20,7 @@ __all__ = ["Binomial"]
 
 @register("binomial")
 @dataclass(frozen=True)
-class Binomial(AbstractRule):
+class Binomial(StepProductRule):
     r"""Truncated binomial expansion of the meta-gradient (BinomMAML).
 
     With :math:`A_k = -\alpha H_k` (or :math:`J_k^\top - I` for a general step
@@ -69,7 +68,7 @@ class Binomial(AbstractRule):
     vectorize: bool = True
 
     def __post_init__(self) -> None:
-        check_order(self.order)
+        check_order(self, self.order)
         if self.chunk_size is not None and (
             isinstance(self.chunk_size, bool)
             or not isinstance(self.chunk_size, int)
@@ -80,20 +79,20 @@ class Binomial(AbstractRule):
             raise TypeError(f"vectorize must be a bool, got {self.vectorize!r}")
 
     def validate(self, steps: int) -> None:
-        check_order_fits(self, self.order, steps)
+        check_order(self, self.order, steps)
 
-    def first_step_needed(self, steps: int) -> int:
+    def first_step(self, steps: int) -> int:
         return 0 if self.order > 0 else steps
 
-    def meta_gradient(self, jac: StepJacobians, g: Tensor) -> Tensor:
-        K, L = jac.num_steps, self.order
+    def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor:
+        K, L = record.num_steps, self.order
         if L == 0:
             return g
         # prev[r] = s_{m-1}^{(j)} for j = L - m + 1 + r; at m = 1 that is j in [L, K].
         prev = g.expand(K - L + 1, *g.shape)
         for m in range(1, L + 1):
             lo = L - m  # this stage's products are w_i, i in [L - m, K - m]
-            w = jac.apply_many(lo, prev, chunk_size=self.chunk_size, vectorize=self.vectorize)
+            w = record.apply_many(lo, prev, chunk_size=self.chunk_size, vectorize=self.vectorize)
             ensure_finite(w, partial(_where, w, m, lo))
             # s_m^{(j)} = s_{m-1}^{(K-m+1)} + sum_{i=j}^{K-m} w_i  for j in [L - m, K - m]
             prev = prev[-1] + w.flip(0).cumsum(0).flip(0)

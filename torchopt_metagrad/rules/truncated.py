@@ -8,10 +8,9 @@ from functools import partial
 from torch import Tensor
 
 from torchopt_metagrad.rules.base import (
-    AbstractRule,
-    StepJacobians,
+    RecordProtocol,
+    StepProductRule,
     check_order,
-    check_order_fits,
     ensure_finite,
     register,
 )
@@ -19,12 +18,12 @@ from torchopt_metagrad.rules.base import (
 __all__ = ["Exact", "Truncated"]
 
 
-def _backward_product(jac: StepJacobians, g: Tensor, first: int) -> Tensor:
+def _backward_product(record: RecordProtocol, g: Tensor, first: int) -> Tensor:
     """``(I + A_first) ... (I + A_{K-1}) g``, last factor first, one product at a time."""
     v = g
-    for k in reversed(range(first, jac.num_steps)):
-        v = v + jac.apply(k, v)
-        ensure_finite(v, partial(_where, k, first, jac.num_steps))
+    for k in reversed(range(first, record.num_steps)):
+        v = v + record.apply(k, v)
+        ensure_finite(v, partial(_where, k, first, record.num_steps))
     return v
 
 
@@ -34,7 +33,7 @@ def _where(k: int, first: int, steps: int) -> str:
 
 @register("truncated")
 @dataclass(frozen=True)
-class Truncated(AbstractRule):
+class Truncated(StepProductRule):
     r"""Truncated backpropagation: keep only the last ``order`` steps.
 
     .. math:: \widehat{\nabla}_\theta L = (I - \alpha H_{K-L}) \cdots (I - \alpha H_{K-1})\, g
@@ -49,21 +48,21 @@ class Truncated(AbstractRule):
     order: int
 
     def __post_init__(self) -> None:
-        check_order(self.order)
+        check_order(self, self.order)
 
     def validate(self, steps: int) -> None:
-        check_order_fits(self, self.order, steps)
+        check_order(self, self.order, steps)
 
-    def first_step_needed(self, steps: int) -> int:
-        return steps - self.order
+    def first_step(self, steps: int) -> int:
+        return max(steps - self.order, 0)
 
-    def meta_gradient(self, jac: StepJacobians, g: Tensor) -> Tensor:
-        return _backward_product(jac, g, jac.num_steps - self.order)
+    def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor:
+        return _backward_product(record, g, record.num_steps - self.order)
 
 
 @register("exact")
 @dataclass(frozen=True)
-class Exact(AbstractRule):
+class Exact(StepProductRule):
     r"""The exact meta-gradient, recomputing one step's graph at a time.
 
     .. math:: \nabla_\theta L = (I - \alpha H_0) \cdots (I - \alpha H_{K-1})\, g
@@ -74,5 +73,5 @@ class Exact(AbstractRule):
     time is about one extra inner-loss gradient per step.
     """
 
-    def meta_gradient(self, jac: StepJacobians, g: Tensor) -> Tensor:
-        return _backward_product(jac, g, 0)
+    def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor:
+        return _backward_product(record, g, 0)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
-from torchopt_metagrad.rules.base import AbstractRule, StepJacobians, register
+from torchopt_metagrad.rules.base import GraphRule, register
 
 __all__ = ["Unrolled"]
 
 
 @register("unrolled")
 @dataclass(frozen=True)
-class Unrolled(AbstractRule):
+class Unrolled(GraphRule):
     r"""Backpropagate through the unrolled inner loop kept as one autograd graph.
 
     .. math:: \nabla_\theta L = (I - \alpha H_0) \cdots (I - \alpha H_{K-1})\, g
@@ -22,15 +20,3 @@ class Unrolled(AbstractRule):
     backward (memory O(K * graph)); supports higher-order differentiation. This is
     the baseline that torchopt's ``MetaSGD`` and ``higher`` implement.
     """
-
-    uses_step_jacobians = False
-
-    differentiates_through_loop = True
-
-    def first_step_needed(self, steps: int) -> int:
-        return steps
-
-    def meta_gradient(self, jac: StepJacobians, g: Tensor) -> Tensor:
-        raise RuntimeError(
-            "Unrolled differentiates through the kept graph; it has no snapshot-based backward"
-        )

@@ -23,15 +23,26 @@ taken as a constant.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 import optree
 import torch
+import torchopt
 from torch import Tensor
 
-from torchopt_metagrad._flat import FlatSpec
+from torchopt_metagrad._core.checks import check_lr
+from torchopt_metagrad._core.flat import FlatSpec
 
-__all__ = ["AbstractStepMap", "GradientDescent", "OptimizerStep"]
+__all__ = [
+    "AbstractStepMap",
+    "GradientDescent",
+    "OptimizerStep",
+    "StepMapFactory",
+    "sgd_factory",
+    "step_map_factory",
+    "transformation_factory",
+]
 
 Aux = tuple[Tensor, ...]
 
@@ -59,6 +70,15 @@ class AbstractStepMap(abc.ABC):
         if self.proximal is not None:
             self._anchor = theta[: self.param_dim].detach()
 
+    @property
+    def time_step(self) -> float | None:
+        """``h`` when the iterates sample the gradient flow at ``t_k = k h``, else ``None``."""
+        return None
+
+    def state_of(self, z: Tensor, aux: Aux) -> Any:
+        """The optimizer state at ``z`` in its native layout (``()`` for plain descent)."""
+        return ()
+
     @abc.abstractmethod
     def init_state(self, theta: Tensor) -> tuple[Tensor, Aux]:
         """Initial ``(z_0, aux_0)`` from the flat initial parameters ``theta``.
@@ -82,6 +102,10 @@ class GradientDescent(AbstractStepMap):
         self.lr = float(lr)
         self.param_dim = self.dim = param_dim
         self.proximal = proximal
+
+    @property
+    def time_step(self) -> float | None:
+        return self.lr if self.proximal is None else None
 
     def init_state(self, theta: Tensor) -> tuple[Tensor, Aux]:
         self._set_anchor(theta)
@@ -134,6 +158,10 @@ class OptimizerStep(AbstractStepMap):
         leaves = [next(floats) if f else next(ints) for f in self._is_float]
         return params, optree.tree_unflatten(self._treedef, leaves)
 
+    def state_of(self, z: Tensor, aux: Aux) -> Any:
+        _, state = self._unpack(z.detach(), aux)
+        return optree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, state)
+
     def _split_state(self, state: Any) -> tuple[list[Tensor], Aux]:
         leaves = optree.tree_leaves(state)
         floats = [t.reshape(-1) for t, f in zip(leaves, self._is_float, strict=True) if f]
@@ -164,3 +192,116 @@ class OptimizerStep(AbstractStepMap):
         if not floats:
             return updates
         return torch.cat([updates, torch.cat(floats) - z[self.param_dim :]])
+
+
+#: ``(spec, proximal) -> step map`` for a set of parameters known only when a loop starts.
+StepMapFactory = Callable[[FlatSpec, "float | None"], AbstractStepMap]
+
+
+def _is_transformation(obj: Any) -> bool:
+    return callable(getattr(obj, "init", None)) and callable(getattr(obj, "update", None))
+
+
+def _plain(lr: float) -> StepMapFactory:
+    return lambda spec, proximal: GradientDescent(lr, spec.numel, proximal)
+
+
+def _transformation(impl: Any) -> StepMapFactory:
+    return lambda spec, proximal: OptimizerStep(impl, spec, proximal)
+
+
+def step_map_factory(
+    lr: Any = None, optimizer: Any = None
+) -> tuple[StepMapFactory, Any, list[Tensor] | None]:
+    """The one place that turns an inner optimizer into a step map.
+
+    Accepts a plain learning rate (``lr``: gradient descent), a torchopt functional
+    optimizer (``GradientTransformation``: its float state joins the differentiated
+    state), or a ``torch.optim.SGD`` / ``Adam`` (translated to torchopt's; plain SGD
+    becomes gradient descent, so the flow rules apply).
+
+    Returns:
+        ``(factory, torchopt_impl, tensors)``: the step-map factory, the equivalent
+        torchopt optimizer, and the tensors a ``torch.optim`` optimizer holds (``None``
+        otherwise).
+
+    Raises:
+        TypeError, ValueError: naming ``lr`` or ``optimizer``.
+    """
+    if optimizer is not None and lr is not None:
+        raise ValueError(
+            "give lr (plain gradient descent) or optimizer (which carries its own learning "
+            "rate), not both"
+        )
+    if optimizer is None:
+        if lr is None:
+            raise TypeError("lr is required (the inner step size) unless optimizer is given")
+        rate = check_lr(lr)
+        return _plain(rate), torchopt.sgd(rate), None
+    if _is_transformation(optimizer):
+        return _transformation(optimizer), optimizer, None
+    if isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
+        return _from_torch_optim(optimizer)
+    raise TypeError(
+        "optimizer must be a torchopt functional optimizer (GradientTransformation with "
+        "init/update, e.g. torchopt.sgd(0.1, momentum=0.9)) or a torch.optim.SGD / Adam; "
+        f"got {type(optimizer).__name__}"
+    )
+
+
+def _from_torch_optim(opt: torch.optim.Optimizer) -> tuple[StepMapFactory, Any, list[Tensor]]:
+    if len(opt.param_groups) != 1:
+        raise ValueError(f"optimizer has {len(opt.param_groups)} param groups; one is supported")
+    group = opt.param_groups[0]
+    params = list(group["params"])
+    lr = check_lr(group["lr"], "optimizer's lr")
+    if isinstance(opt, torch.optim.Adam):
+        if group.get("amsgrad"):
+            raise ValueError("optimizer: Adam with amsgrad=True is not supported")
+        impl = torchopt.adam(
+            lr,
+            betas=tuple(group["betas"]),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group.get("maximize", False),
+        )
+        return _transformation(impl), impl, params
+    sgd = {k: group.get(k, 0.0) for k in ("momentum", "dampening", "weight_decay")}
+    nesterov, maximize = bool(group.get("nesterov")), bool(group.get("maximize"))
+    if sgd["momentum"] == 0 and sgd["weight_decay"] == 0 and not maximize:
+        return _plain(lr), torchopt.sgd(lr), params
+    impl = torchopt.sgd(lr, **sgd, nesterov=nesterov, maximize=maximize)
+    return _transformation(impl), impl, params
+
+
+def sgd_factory(
+    lr: Any, *, momentum: float, weight_decay: float, dampening: float, nesterov: bool,
+    maximize: bool,
+) -> tuple[StepMapFactory, Any]:
+    """``torchopt.MetaSGD``'s arguments as a step map: plain descent when it is one."""
+    if callable(lr):
+        rate: Any = lr
+    else:
+        rate = check_lr(lr)
+    plain = not callable(lr) and momentum == 0 and weight_decay == 0 and not maximize
+    if plain and not nesterov:
+        return _plain(rate), torchopt.sgd(rate)
+    impl = torchopt.sgd(
+        rate,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+    )
+    return _transformation(impl), impl
+
+
+def transformation_factory(impl: Any, name: str = "impl") -> StepMapFactory:
+    """A torchopt functional optimizer as a step-map factory (checked)."""
+    if not _is_transformation(impl):
+        raise TypeError(
+            f"{name} must be a torchopt functional optimizer (GradientTransformation with "
+            f"init/update), e.g. torchopt.sgd(0.1, momentum=0.9); got {impl!r}"
+        )
+    return _transformation(impl)

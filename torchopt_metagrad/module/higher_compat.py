@@ -21,12 +21,10 @@ import torch
 import torchopt
 from torch import Tensor, nn
 
-from torchopt_metagrad._flat import FlatSpec
-from torchopt_metagrad._session import Slots, StepMapFactory, is_replaying
-from torchopt_metagrad.functional import check_rule
-from torchopt_metagrad.module import Closure, MetaOptimizer, _check_lr, _optimizer_factory
-from torchopt_metagrad.rules.base import AbstractRule
-from torchopt_metagrad.steps import AbstractStepMap, GradientDescent
+from torchopt_metagrad._core.steps import step_map_factory
+from torchopt_metagrad.module.optim import Closure, MetaOptimizer
+from torchopt_metagrad.module.slots import Slots, is_replaying
+from torchopt_metagrad.rules.base import AbstractRule, check_rule
 
 __all__ = ["DifferentiableOptimizer", "innerloop_ctx"]
 
@@ -140,50 +138,8 @@ def _close(fmodel: nn.Module, inner: MetaOptimizer) -> None:
     fmodel.register_forward_pre_hook(closed)
 
 
-def _from_inner_opt(opt: Any) -> tuple[StepMapFactory, Any, list[Tensor] | None]:
+def _from_inner_opt(opt: Any) -> Any:
     """Step map, torchopt impl and adapted tensors (``None``: all) of innerloop_ctx's ``opt``."""
     if isinstance(opt, numbers.Real) and not isinstance(opt, bool):
-        _check_lr(opt)
-        lr = float(opt)
-
-        def gd(spec: FlatSpec, proximal: float | None) -> AbstractStepMap:
-            return GradientDescent(lr, spec.numel, proximal)
-
-        return gd, torchopt.sgd(lr), None
-    if callable(getattr(opt, "init", None)) and callable(getattr(opt, "update", None)):
-        return _optimizer_factory(opt), opt, None
-    if not isinstance(opt, (torch.optim.SGD, torch.optim.Adam)):
-        raise TypeError(
-            "opt must be a torch.optim.SGD or torch.optim.Adam over the model's parameters, "
-            f"a float learning rate, or a torchopt functional optimizer; got {type(opt).__name__}"
-        )
-    if len(opt.param_groups) != 1:
-        raise ValueError(
-            f"opt has {len(opt.param_groups)} param groups; innerloop_ctx supports one"
-        )
-    group = opt.param_groups[0]
-    params = list(group["params"])
-    lr = group["lr"]
-    _check_lr(lr)
-    if isinstance(opt, torch.optim.Adam):
-        if group.get("amsgrad"):
-            raise ValueError("opt: Adam with amsgrad=True is not supported")
-        impl = torchopt.adam(
-            float(lr),
-            betas=tuple(group["betas"]),
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            maximize=group.get("maximize", False),
-        )
-        return _optimizer_factory(impl), impl, params
-    sgd = {k: group.get(k, 0.0) for k in ("momentum", "dampening", "weight_decay")}
-    nesterov, maximize = bool(group.get("nesterov")), bool(group.get("maximize"))
-    if sgd["momentum"] == 0 and sgd["weight_decay"] == 0 and not maximize:
-        lr_f = float(lr)
-
-        def plain(spec: FlatSpec, proximal: float | None) -> AbstractStepMap:
-            return GradientDescent(lr_f, spec.numel, proximal)
-
-        return plain, torchopt.sgd(lr_f), params
-    impl = torchopt.sgd(float(lr), **sgd, nesterov=nesterov, maximize=maximize)
-    return _optimizer_factory(impl), impl, params
+        return step_map_factory(lr=opt)
+    return step_map_factory(optimizer=opt)

@@ -10,7 +10,7 @@ switches to any rule by changing the constructor line::
 
 How gradients reach the initial parameters ``theta``: the parameters after step ``n``
 come out of an autograd node whose inputs are ``theta`` themselves and whose backward
-runs the rule on steps ``0..n-1`` (see :mod:`torchopt_metagrad._session`). So an outer
+runs the rule on steps ``0..n-1`` (see :mod:`torchopt_metagrad.module.session`). So an outer
 loss may use the parameters of any step, or several, and gets the sum of the rule's
 meta-gradients; nothing chains through earlier steps. ``Unrolled()`` keeps the whole
 graph, exactly as torchopt does.
@@ -32,7 +32,7 @@ The two ways to step, per step (d = number of adapted parameters):
   batch norm: batch statistics in train mode, fixed ones in eval mode). Every rule.
 
 The ``higher``-style context built on these lives in
-:mod:`torchopt_metagrad.higher_compat`.
+:mod:`torchopt_metagrad.module.higher_compat`.
 
 Both modes compute the products one at a time (neither closures nor kept graphs can be
 stacked for ``vmap``), so ``Binomial``'s batching does not apply here. The meta-gradient
@@ -49,8 +49,6 @@ restoring keeps its last inner loop alive.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,16 +56,11 @@ import torchopt
 from torch import Tensor, nn
 from torchopt.base import UninitializedState
 
-from torchopt_metagrad._flat import FlatSpec
-from torchopt_metagrad._session import (
-    Session,
-    Slots,
-    StepMapFactory,
-    needs_recomputation,
-)
-from torchopt_metagrad.functional import check_rule
-from torchopt_metagrad.rules.base import AbstractRule
-from torchopt_metagrad.steps import AbstractStepMap, GradientDescent, OptimizerStep
+from torchopt_metagrad._core.checks import check_lr
+from torchopt_metagrad._core.steps import StepMapFactory, sgd_factory, transformation_factory
+from torchopt_metagrad.module.session import Session
+from torchopt_metagrad.module.slots import Slots
+from torchopt_metagrad.rules.base import AbstractRule, check_rule
 
 __all__ = ["Closure", "MetaAdam", "MetaOptimizer", "MetaSGD"]
 
@@ -103,12 +96,7 @@ class MetaOptimizer(torchopt.MetaOptimizer):
     """
 
     def __init__(self, module: nn.Module, impl: Any, *, rule: AbstractRule) -> None:
-        if not (callable(getattr(impl, "init", None)) and callable(getattr(impl, "update", None))):
-            raise TypeError(
-                "impl must be a torchopt functional optimizer (GradientTransformation with "
-                f"init/update), e.g. torchopt.sgd(0.1, momentum=0.9); got {impl!r}"
-            )
-        self._setup(module, rule, _optimizer_factory(impl), impl)
+        self._setup(module, rule, transformation_factory(impl), impl)
 
     # Not calling torchopt's __init__: it registers param groups this class does not use.
     def _setup(
@@ -157,12 +145,6 @@ class MetaOptimizer(torchopt.MetaOptimizer):
         value: Tensor | None = None
         if isinstance(loss, Tensor):
             value = loss
-            if needs_recomputation(self.rule):
-                raise ValueError(
-                    f"{type(self.rule).__name__} needs Hessian-vector products at the final "
-                    "parameters, which step(loss) cannot recompute: pass a closure that "
-                    "recomputes the training loss, e.g. opt.step(lambda: loss_fn(net(x), y))"
-                )
         elif callable(loss):
             closure = loss
         else:
@@ -266,25 +248,15 @@ class MetaSGD(MetaOptimizer):
         moment_requires_grad: bool = True,
     ) -> None:
         _check_lr(lr)
-        plain = not callable(lr) and momentum == 0 and weight_decay == 0 and not maximize
-        if plain and not nesterov:
-            step_lr = float(lr)  # type: ignore[arg-type]
-
-            def make(spec: FlatSpec, proximal: float | None) -> AbstractStepMap:
-                return GradientDescent(step_lr, spec.numel, proximal)
-
-            impl = torchopt.sgd(lr)
-            self._setup(module, rule, make, impl)
-            return
-        impl = torchopt.sgd(
+        make, impl = sgd_factory(
             lr,
             momentum=momentum,
-            dampening=dampening,
             weight_decay=weight_decay,
+            dampening=dampening,
             nesterov=nesterov,
             maximize=maximize,
         )
-        self._setup(module, rule, _optimizer_factory(impl), impl)
+        self._setup(module, rule, make, impl)
 
 
 class MetaAdam(MetaOptimizer):
@@ -324,20 +296,9 @@ class MetaAdam(MetaOptimizer):
             eps_root=eps_root,
             maximize=maximize,
         )
-        self._setup(module, rule, _optimizer_factory(impl), impl)
-
-
-def _optimizer_factory(impl: Any) -> StepMapFactory:
-    def make(spec: FlatSpec, proximal: float | None) -> AbstractStepMap:
-        return OptimizerStep(impl, spec, proximal)
-
-    return make
+        self._setup(module, rule, transformation_factory(impl), impl)
 
 
 def _check_lr(lr: Any) -> None:
-    if callable(lr):
-        return
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise TypeError(f"lr must be a float > 0 (or a torchopt schedule), got {lr!r}")
-    if not (float(lr) > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite float > 0, got {lr}")
+    if not callable(lr):
+        check_lr(lr)

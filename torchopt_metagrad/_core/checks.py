@@ -1,0 +1,143 @@
+"""Every argument check of the library, in one place.
+
+Bad input raises ``TypeError`` / ``ValueError`` naming the argument; non-finite values
+raise :class:`~torchopt_metagrad.NonFiniteError` naming where they appeared.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchopt_metagrad._core.flat import FlatSpec
+from torchopt_metagrad.errors import NonFiniteError
+
+__all__ = [
+    "check_batches",
+    "check_callable",
+    "check_inner_finite",
+    "check_int",
+    "check_loss",
+    "check_lr",
+    "check_params",
+    "check_positive",
+    "ensure_finite",
+]
+
+
+def check_int(value: Any, name: str, *, minimum: int) -> int:
+    """Raise unless ``value`` is an int (not a bool) ``>= minimum``; return it as ``int``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_positive(value: Any, name: str) -> float:
+    """Raise unless ``value`` is a finite real number > 0; return it as ``float``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float > 0, got {value!r}")
+    if not (float(value) > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite float > 0, got {value}")
+    return float(value)
+
+
+def check_callable(value: Any, name: str) -> None:
+    """Raise ``TypeError`` unless ``value`` is callable."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+
+
+def check_lr(lr: Any, name: str = "lr") -> float:
+    """A plain learning rate: a finite float > 0."""
+    return check_positive(lr, name)
+
+
+def check_params(params: Any, name: str = "params") -> FlatSpec:
+    """Check a dict of named tensors to adapt; return its flat layout.
+
+    Every tensor must be floating point, require grad, and share dtype and device.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"{name} must be a dict of named tensors, e.g. dict(model.named_parameters()), "
+            f"got {type(params).__name__}"
+        )
+    if not params:
+        raise ValueError(f"{name} is empty")
+    first: Tensor | None = None
+    for key, t in params.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{name} keys must be str, got {key!r}")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}[{key!r}] must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}[{key!r}] must be floating point, got dtype {t.dtype}")
+        if not t.requires_grad:
+            raise ValueError(
+                f"{name}[{key!r}] does not require grad; pass only the tensors to adapt "
+                "(requires_grad=True). A tensor that loss_fn closes over and that requires "
+                "grad gets no meta-gradient from a snapshot rule: pass it in params, or make "
+                "it a constant with .detach()"
+            )
+        if first is None:
+            first = t
+        elif t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(
+                f"{name}[{key!r}] is {t.dtype} on {t.device} but the first one is "
+                f"{first.dtype} on {first.device}; all must share dtype and device"
+            )
+    return FlatSpec.from_tensors(params)
+
+
+def check_batches(batch: Any, batches: Sequence[Any] | None, steps: int) -> None:
+    """``batch`` (shared) or ``batches`` (exactly one per step), not both."""
+    if batches is None:
+        return
+    if batch is not None:
+        raise ValueError("give batch (the same at every step) or batches (one per step), not both")
+    if not isinstance(batches, Sequence) or isinstance(batches, (str, bytes)):
+        raise TypeError(
+            f"batches must be a sequence of {steps} batches, got {type(batches).__name__}"
+        )
+    if len(batches) != steps:
+        raise ValueError(f"batches has {len(batches)} entries but steps={steps}; give one per step")
+
+
+def check_loss(loss: Any, k: int, what: str = "loss_fn") -> Tensor:
+    """The inner loss of step ``k``, checked to be a scalar tensor that depends on the params.
+
+    ``what`` names the source: ``"loss_fn"`` (a function) or a value such as ``"loss"``.
+    """
+    must = f"{what} must return" if what == "loss_fn" else f"{what} must be"
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{must} a scalar tensor, got {type(loss).__name__} at inner step {k}")
+    if loss.numel() != 1:
+        raise ValueError(f"{must} a scalar tensor, got shape {tuple(loss.shape)} at inner step {k}")
+    if not loss.requires_grad:
+        output = "loss_fn's output" if what == "loss_fn" else what
+        raise ValueError(
+            f"{output} does not depend on params (no gradient flows to any adapted parameter "
+            f"at inner step {k}); compute the loss from the params it is given, e.g. with "
+            "torch.func.functional_call(model, params, inputs), with grad enabled"
+        )
+    return loss.reshape(())
+
+
+def ensure_finite(t: Tensor, where: Callable[[], str]) -> None:
+    """Raise :class:`NonFiniteError` if ``t`` has a NaN or infinity; ``where()`` names it."""
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"the meta-gradient became non-finite {where()}")
+
+
+def check_inner_finite(loss: Tensor, grad: Tensor, k: int) -> None:
+    """Raise ``NonFiniteError`` naming step ``k`` if the inner loss or gradient is not finite."""
+    if not bool(torch.isfinite(loss).all() & torch.isfinite(grad).all()):
+        what = "inner loss" if not bool(torch.isfinite(loss).all()) else "inner-loss gradient"
+        raise NonFiniteError(f"the {what} is not finite at inner step {k} (steps count from 0)")

@@ -1,0 +1,282 @@
+"""ODE options (:class:`ODE`, the one value describing a solve) and checked torchdiffeq calls.
+
+A solve never integrates with a step nobody chose (a fixed-step method takes its
+``step_size`` or the stored grid's spacing, else it raises), never runs without a
+bound on its work (``max_steps``), and every failure says which solve, which method
+and at what time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torchdiffeq
+from torch import Tensor
+
+from torchopt_metagrad.errors import ODESolveError
+
+__all__ = [
+    "ADAPTIVE_METHODS",
+    "FIXED_METHODS",
+    "ODE",
+    "Clock",
+    "ODEKnobWarning",
+    "linspace",
+    "named_failure",
+    "solve",
+]
+
+# Vector-field evaluations per step of torchdiffeq's fixed-grid methods (the Adams
+# methods start with rk4 steps; the implicit corrector iterates up to 4 times).
+_FIXED_EVALS = {
+    "euler": 1,
+    "midpoint": 2,
+    "heun2": 2,
+    "heun3": 3,
+    "rk4": 4,
+    "explicit_adams": 4,
+    "implicit_adams": 5,
+    "fixed_adams": 5,
+}
+# torchdiffeq keeps its registry private (torchdiffeq._impl.odeint.SOLVERS); read it when
+# present so new solvers are accepted, and fall back to the 0.2.x names otherwise.
+try:
+    from torchdiffeq._impl.odeint import SOLVERS as _SOLVERS
+except ImportError:  # pragma: no cover - depends on torchdiffeq internals
+    _SOLVERS = {}
+_ALL: tuple[str, ...] = tuple(_SOLVERS) or (
+    *("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun"),
+    *_FIXED_EVALS,
+    "scipy_solver",
+)
+FIXED_METHODS = frozenset(m for m in _ALL if m in _FIXED_EVALS)
+ADAPTIVE_METHODS = frozenset(m for m in _ALL if m not in FIXED_METHODS)
+# fixed-step methods that do use rtol/atol (to stop their implicit corrector)
+_TOLERANCE_FIXED = frozenset({"implicit_adams", "fixed_adams"})
+_STARTUP_EVALS = 2  # an adaptive solve evaluates f(t0) and probes its first step
+DEFAULT_RTOL = 1e-7
+DEFAULT_ATOL = 1e-9
+
+
+class ODEKnobWarning(UserWarning):
+    """A knob of :class:`ODE` that the chosen method ignores (e.g. ``rtol`` with ``rk4``)."""
+
+
+def check_positive(value: Any, name: str) -> float:
+    """Raise unless ``value`` is a finite real number > 0; return it as ``float``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float > 0, got {value!r}")
+    if not (float(value) > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite float > 0, got {value}")
+    return float(value)
+
+
+def check_int(value: Any, name: str, *, minimum: int) -> int:
+    """Raise unless ``value`` is an int (not a bool) ``>= minimum``; return it as ``int``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class ODE:
+    """How to solve an ODE with torchdiffeq: method, tolerances or step, and a step budget.
+
+    Args:
+        method: a torchdiffeq method: adaptive (``dopri5``, ``dopri8``, ``bosh3``,
+            ``fehlberg2``, ``adaptive_heun``, ``scipy_solver``) or fixed-step
+            (``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``, ``explicit_adams``,
+            ``implicit_adams``). Non-smooth vector fields (ReLU nets) suit a fixed-step
+            method: adaptive ones shrink their steps at every kink.
+        rtol: relative tolerance (``None``: 1e-7). A fixed-step method ignores it
+            (except the implicit Adams corrector) and warns.
+        atol: absolute tolerance (``None``: 1e-9); same rule as ``rtol``.
+        step_size: step of a fixed-step method (``None``: the spacing of the stored
+            grid, when the solve has one). An adaptive method ignores it and warns.
+        max_steps: the most steps one solve may take. Counted as vector-field
+            evaluations: the budget is ``max_steps`` times the method's evaluations
+            per step (its stages; 6 for dopri5, 4 for rk4), plus 2 for an adaptive
+            start; rejected steps count. Past it the solve raises ``ODESolveError``.
+
+    Raises:
+        TypeError / ValueError: a knob of the wrong type or value (the message names it).
+    """
+
+    method: str = "dopri5"
+    rtol: float | None = None
+    atol: float | None = None
+    step_size: float | None = None
+    max_steps: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str):
+            raise TypeError(f"method must be a torchdiffeq method name, got {self.method!r}")
+        if self.method not in _ALL:
+            raise ValueError(
+                f"method={self.method!r} is not a torchdiffeq method; valid: {', '.join(_ALL)}"
+            )
+        for name in ("rtol", "atol", "step_size"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_positive(getattr(self, name), name))
+        object.__setattr__(self, "max_steps", check_int(self.max_steps, "max_steps", minimum=1))
+        if self.is_fixed and self.method not in _TOLERANCE_FIXED:
+            ignored = [n for n in ("rtol", "atol") if getattr(self, n) is not None]
+            kind = "a fixed-step method; use step_size"
+        else:
+            ignored = ["step_size"] if not self.is_fixed and self.step_size is not None else []
+            kind = "an adaptive method; it chooses its own steps from rtol/atol"
+        if ignored:
+            warnings.warn(
+                f"ODE: {' and '.join(ignored)} ignored: {self.method!r} is {kind}",
+                ODEKnobWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def is_fixed(self) -> bool:
+        """Whether the method steps on a fixed grid (no error control)."""
+        return self.method in FIXED_METHODS
+
+    @property
+    def tolerances(self) -> tuple[float, float]:
+        """``(rtol, atol)`` with the defaults (1e-7, 1e-9) filled in."""
+        rtol = DEFAULT_RTOL if self.rtol is None else self.rtol
+        return rtol, DEFAULT_ATOL if self.atol is None else self.atol
+
+    @property
+    def evaluations_per_step(self) -> int:
+        """Vector-field evaluations of one step (``scipy_solver``: counted as 1)."""
+        if self.method in _FIXED_EVALS:
+            return _FIXED_EVALS[self.method]
+        tableau = getattr(_SOLVERS.get(self.method), "tableau", None)
+        return len(tableau.alpha) if tableau is not None else 1
+
+    @property
+    def budget(self) -> int:
+        """The most vector-field evaluations one solve may make."""
+        start = 0 if self.is_fixed else _STARTUP_EVALS
+        return self.max_steps * self.evaluations_per_step + start
+
+    def describe(self, step: float | None = None) -> str:
+        """``"dopri5, rtol=1e-07, atol=1e-09"`` or ``"rk4, step_size=0.01"``."""
+        if self.is_fixed:
+            step = self.step_size if step is None else step
+            return f"{self.method}, step_size={step:g}" if step is not None else self.method
+        return "{}, rtol={:g}, atol={:g}".format(self.method, *self.tolerances)
+
+
+class Clock:
+    """Where a solve is: the time of its last vector-field evaluation, how many it has
+    made, and the most it may make (``None``: the budget of the first solve using it).
+
+    One clock may be shared by several :func:`solve` calls (the intervals of a
+    checkpointed adjoint) and keeps counting through ``odeint_adjoint``'s backward.
+    """
+
+    def __init__(self, t0: float, limit: int | None = None) -> None:
+        self.t = t0
+        self.evaluations = 0
+        self.limit = limit
+
+
+@contextlib.contextmanager
+def named_failure(what: str, ode: ODE, clock: Clock, step: float | None = None) -> Iterator[None]:
+    """Turn torchdiffeq's failures (step underflow, non-finite state) into ``ODESolveError``."""
+    try:
+        yield
+    except (AssertionError, RuntimeError) as err:
+        if isinstance(err, ODESolveError):
+            raise
+        raise ODESolveError(
+            f"the {what} ({ode.describe(step)}) failed at t={clock.t:.6g}: {err}"
+        ) from err
+
+
+def solve(
+    what: str,
+    func: Callable[[Tensor, Tensor], Tensor],
+    y0: Tensor,
+    t: Tensor,
+    ode: ODE,
+    *,
+    grid_step: float | None = None,
+    adjoint: bool = False,
+    clock: Clock | None = None,
+) -> Tensor:
+    """``torchdiffeq.odeint`` (or ``odeint_adjoint``) of ``dy/dt = func(t, y)`` at times ``t``.
+
+    Args:
+        what: names the solve in errors (``"forward gradient-flow solve"``).
+        func: the vector field.
+        y0: the state at ``t[0]``.
+        t: increasing or decreasing times; the result has one row per time.
+        ode: method, tolerances or step, budget.
+        grid_step: spacing of the stored grid, the step of a fixed-step method whose
+            ``step_size`` is ``None``.
+        adjoint: use ``odeint_adjoint`` (gradients by re-integration backward).
+        clock: shared progress and budget (a fresh one by default).
+
+    Raises:
+        ValueError: a fixed-step method with neither ``step_size`` nor ``grid_step``.
+        ODESolveError: the budget ran out, or torchdiffeq failed; names solve and time.
+    """
+    if not isinstance(ode, ODE):
+        raise TypeError(f"ode must be a tmg.ODE, got {ode!r}")
+    options: dict[str, Any] = {}
+    step = None
+    if ode.is_fixed:
+        step = ode.step_size if ode.step_size is not None else grid_step
+        if step is None:
+            raise ValueError(
+                f"the {what}: {ode.method!r} is a fixed-step method and needs a step size: pass "
+                f"ODE({ode.method!r}, step_size=...) (this solve has no stored grid to use)"
+            )
+        options["step_size"] = check_positive(step, "step_size")
+    clock = Clock(float(t[0])) if clock is None else clock
+    if clock.limit is None:
+        clock.limit = ode.budget
+    rtol, atol = ode.tolerances
+
+    def tracked(time: Tensor, y: Tensor) -> Tensor:
+        clock.t = float(time.detach())
+        clock.evaluations += 1
+        if clock.limit is not None and clock.evaluations > clock.limit:
+            raise ODESolveError(
+                f"the {what} ({ode.describe(step)}) ran out of steps (max_steps={ode.max_steps}, "
+                f"{clock.limit} vector-field evaluations) at t={clock.t:.6g}; a stiff or "
+                f"non-smooth vector field (ReLU nets) needs a fixed-step method such as "
+                f"ODE('rk4', step_size=...) or ODE('euler', step_size=...), or raise max_steps"
+            )
+        return func(time, y)
+
+    with named_failure(what, ode, clock, step):
+        if adjoint:
+            return torchdiffeq.odeint_adjoint(
+                tracked,
+                y0,
+                t,
+                method=ode.method,
+                rtol=rtol,
+                atol=atol,
+                options=options,
+                adjoint_rtol=rtol,
+                adjoint_atol=atol,
+                adjoint_params=(),
+            )
+        return torchdiffeq.odeint(
+            tracked, y0, t, method=ode.method, rtol=rtol, atol=atol, options=options
+        )
+
+
+def linspace(T: float, n: int, like: Tensor) -> Tensor:
+    """``n + 1`` uniform times on ``[0, T]`` with ``like``'s dtype and device."""
+    return torch.linspace(0.0, T, n + 1, dtype=like.dtype, device=like.device)

@@ -1,0 +1,303 @@
+"""The record an inner loop leaves for the rules: snapshots, replayable losses, kept graphs.
+
+:class:`Record` implements the record protocol
+(:class:`~torchopt_metagrad._core.protocol.RecordProtocol`). Each stored step ``k`` is
+either
+
+* a :class:`Snapshot` — the state ``z_k``, its integer optimizer state, and the step's
+  :class:`~torchopt_metagrad._core.replay.StepLoss`; ``A_k v`` is recomputed there by the
+  engine (batched with vmap when the losses allow it); or
+* a :class:`Kept` step — the gradient of the step's loss with its autograd graph (the
+  module front end's ``step(loss)``); ``A_k v`` is one VJP through it.
+
+A record always holds the final state ``z_K`` and, when the front end can recompute
+the inner loss, the loss used for curvature at ``z_K`` (the last step's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from torchopt_metagrad._core import engine
+from torchopt_metagrad._core.flat import FlatSpec
+from torchopt_metagrad._core.replay import StepLoss
+from torchopt_metagrad._core.steps import AbstractStepMap, Aux
+
+__all__ = ["Kept", "Record", "Snapshot"]
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """A step stored as its state, integer optimizer state, and replayable loss."""
+
+    z: Tensor
+    aux: Aux
+    loss: StepLoss
+
+
+@dataclass(frozen=True, eq=False)
+class Kept:
+    """A step stored as its inner gradient with the graph (``create_graph=True``).
+
+    ``Delta_k`` is rebuilt from these for each product, so a step keeps one
+    parameter-sized vector beyond its autograd graph.
+    """
+
+    params: tuple[Tensor, ...]
+    grads: tuple[Tensor, ...]
+    state: Tensor | None  # the optimizer state before the step, as a leaf
+    aux: Aux
+
+    @property
+    def inputs(self) -> tuple[Tensor, ...]:
+        return self.params if self.state is None else (*self.params, self.state)
+
+
+@dataclass(eq=False)
+class Record:
+    """Steps ``first..K-1`` of an inner loop and its final state ``z_K``.
+
+    Attributes:
+        spec: layout of the parameter block.
+        step_map: the step map (``None`` for a flow or a user's solver).
+        steps: K.
+        first: first stored step.
+        entries: the stored steps, ``entries[k - first]``.
+        final: ``z_K``.
+        final_aux: its integer optimizer state.
+        final_loss: the inner loss for curvature at ``z_K`` (``None``: not recomputable).
+        time_step: ``h`` when state ``k`` samples a gradient flow at ``t = k h``.
+        solver: the ``tmg.ODE`` of a forward flow solve, else ``None``.
+        released: why the entries were dropped (``None``: they are here).
+    """
+
+    spec: FlatSpec
+    step_map: AbstractStepMap | None
+    steps: int
+    first: int
+    entries: list[Snapshot | Kept]
+    final: Tensor
+    final_aux: Aux
+    final_loss: StepLoss | None
+    time_step: float | None = None
+    solver: Any = None
+    released: str | None = None
+
+    @classmethod
+    def of_states(
+        cls,
+        spec: FlatSpec,
+        states: Tensor,
+        loss: StepLoss,
+        *,
+        time_step: float | None = None,
+        solver: Any = None,
+    ) -> Record:
+        """The record of a flow (or a solver's answer): states ``u_0..u_N`` (rows), one loss."""
+        n = states.shape[0] - 1
+        return cls(
+            spec=spec,
+            step_map=None,
+            steps=n,
+            first=0,
+            entries=[Snapshot(states[k], (), loss) for k in range(n)],
+            final=states[n],
+            final_aux=(),
+            final_loss=loss,
+            time_step=time_step,
+            solver=solver,
+        )
+
+    # -- saving: snapshots go through save_for_backward so autograd frees them ----------
+    def take_tensors(self) -> list[Tensor]:
+        """Move the snapshot tensors out (to save for backward); :meth:`put_tensors` restores."""
+        empty = torch.empty(0)
+        taken = [e.z for e in self.entries if isinstance(e, Snapshot)] + [self.final]
+        self.entries = [
+            dataclasses.replace(e, z=empty) if isinstance(e, Snapshot) else e for e in self.entries
+        ]
+        self.final = empty
+        return taken
+
+    def put_tensors(self, tensors: tuple[Tensor, ...]) -> None:
+        """Put back what :meth:`take_tensors` took."""
+        if self.released is not None:
+            raise RuntimeError(self.released)
+        it = iter(tensors)
+        self.entries = [
+            dataclasses.replace(e, z=next(it)) if isinstance(e, Snapshot) else e
+            for e in self.entries
+        ]
+        self.final = next(it)
+
+    def release(self, reason: str) -> None:
+        """Drop every stored step (a backward that needs them then raises ``reason``)."""
+        self.entries = []
+        self.released = reason
+
+    # -- the record protocol ---------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return self.steps
+
+    @property
+    def param_dim(self) -> int:
+        return self.spec.numel
+
+    @property
+    def state_dim(self) -> int:
+        return self.spec.numel if self.step_map is None else self.step_map.dim
+
+    def _entry(self, k: int) -> Snapshot | Kept:
+        if self.released is not None:
+            raise RuntimeError(self.released)
+        if not self.first <= k < self.steps:
+            raise IndexError(f"step {k} was not stored (stored: {self.first}..{self.steps - 1})")
+        return self.entries[k - self.first]
+
+    def snapshot(self, k: int) -> Tensor:
+        if k == self.steps:
+            return self.final
+        entry = self._entry(k)
+        if not isinstance(entry, Snapshot):
+            raise IndexError(f"state {k} was not stored: step(loss) keeps the step's graph instead")
+        return entry.z
+
+    def _loss(self, k: int) -> StepLoss:
+        if k >= self.steps - 1 and self.final_loss is not None:
+            return self.final_loss
+        entry = self._entry(k) if self.steps > 0 else None
+        if isinstance(entry, Snapshot):
+            return entry.loss
+        raise RuntimeError(
+            f"the inner loss of step {k} cannot be recomputed here (its step kept its graph "
+            "instead); use a closure"
+        )
+
+    def _step_map(self) -> AbstractStepMap:
+        if self.step_map is None:
+            raise TypeError("this record has no discrete steps (a gradient flow or a solver)")
+        return self.step_map
+
+    def apply(self, k: int, v: Tensor) -> Tensor:
+        entry, step_map = self._entry(k), self._step_map()
+        if isinstance(entry, Kept):
+            with torch.enable_grad():
+                z = self.spec.flatten(entry.params)
+                if entry.state is not None:
+                    z = torch.cat([z, entry.state])
+                delta = step_map.delta(z, self.spec.flatten(entry.grads), entry.aux)
+            return _pull([delta], entry.inputs, [v])
+        aux = entry.aux
+        return engine.vjp_increment(
+            entry.loss, lambda z, g: step_map.delta(z, g, aux), entry.z, v, self.param_dim
+        )
+
+    def apply_many(
+        self, start: int, vectors: Tensor, *, chunk_size: int | None = None, vectorize: bool = True
+    ) -> Tensor:
+        n = vectors.shape[0]
+        if start + n > self.steps:
+            raise IndexError(f"steps {start}..{start + n - 1} go past the last step")
+        entries = [self._entry(start + r) for r in range(n)]
+        if vectorize and n > 1:
+            batched = self._batched(entries, vectors, chunk_size)
+            if batched is not None:
+                return batched
+        return torch.stack([self.apply(start + r, vectors[r]) for r in range(n)])
+
+    def _batched(
+        self, entries: list[Snapshot | Kept], vectors: Tensor, chunk_size: int | None
+    ) -> Tensor | None:
+        if not all(isinstance(e, Snapshot) for e in entries):
+            return None  # kept graphs cannot be stacked
+        snaps: list[Snapshot] = entries  # type: ignore[assignment]
+        losses = [e.loss for e in snaps]
+        if not all(s.batchable for s in losses) or any(s.fn is not losses[0].fn for s in losses):
+            return None  # closures: no pure function to vmap
+        if any(s.replays_state for s in losses):
+            engine.warn_once(
+                "replay",
+                "the inner loss draws random numbers or updates buffers in place, so each "
+                "step's products are replayed one by one with that step's state (same "
+                "result, slower than a batched stage)",
+            )
+            return None
+        stacked = _stack_batches([s.batch for s in losses])
+        if stacked is None:
+            engine.warn_once(
+                "unstackable",
+                "per-step batches have different structures or shapes, so they cannot be "
+                "stacked for vmap; the Hessian-vector products run one by one",
+            )
+            return None
+        step_map = self._step_map()
+        try:
+            return engine.vjp_increment_many(
+                losses[0].fn,
+                step_map.delta,
+                torch.stack([e.z for e in snaps]),
+                tuple(torch.stack(col) for col in zip(*(e.aux for e in snaps), strict=True)),
+                stacked[0],
+                stacked[1],
+                vectors,
+                self.param_dim,
+                chunk_size=chunk_size,
+            )
+        except (RuntimeError, NotImplementedError, ValueError) as err:
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            engine.warn_once(
+                type(err).__name__,
+                f"torch.func.vmap failed on this model ({type(err).__name__}: {first_line}); "
+                "the Hessian-vector products run one by one (same result, slower)",
+            )
+            return None
+
+    def hvp(self, k: int, v: Tensor) -> Tensor:
+        if k < self.steps:
+            entry = self._entry(k)
+            if isinstance(entry, Kept):
+                return _pull(entry.grads, entry.params, self.spec.split(v))
+        params = self.snapshot(k)[: self.param_dim]
+        return self.hvp_at(params, v, k=min(k, max(self.steps - 1, 0)))
+
+    def hvp_at(self, params: Tensor, v: Tensor, *, k: int = 0) -> Tensor:
+        return engine.hvp(self._loss(k), params, v)
+
+    def vector_field(self, params: Tensor, *, create_graph: bool = False) -> Tensor:
+        loss = self._loss(0)
+        with torch.enable_grad():
+            leaf = params if create_graph else params.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(loss(leaf), leaf, create_graph=create_graph)
+        return -grad
+
+
+def _pull(out: list[Tensor] | tuple[Tensor, ...], inputs: tuple[Tensor, ...], v: Any) -> Tensor:
+    grads = torch.autograd.grad(
+        out, inputs, v, retain_graph=True, allow_unused=True, materialize_grads=True
+    )
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def _stack_batches(batches: list[Any]) -> tuple[Any, int | None] | None:
+    """``(batch, None)`` if all are one object; ``(stacked, 0)`` if they stack; else ``None``."""
+    if all(b is batches[0] for b in batches):
+        return batches[0], None
+    flat = [pytree.tree_flatten(b) for b in batches]
+    spec0 = flat[0][1]
+    if any(spec != spec0 for _, spec in flat):
+        return None
+    stacked = []
+    for column in zip(*(leaves for leaves, _ in flat), strict=True):
+        if not all(isinstance(t, Tensor) for t in column):
+            return None
+        if any(t.shape != column[0].shape for t in column):
+            return None
+        stacked.append(torch.stack(column))
+    return pytree.tree_unflatten(stacked, spec0), 0
