@@ -48,10 +48,7 @@ def main() -> dict[str, float]:
     with tmg.diagnostics.collect() as reports:
         implicit_grad = meta_grad(solve(params, support))
     info = reports[0].info
-    print(
-        f"@tmg.implicit: CG took {info.iterations} iterations, residual "
-        f"{info.residual:.1e}"
-    )
+    print(f"@tmg.implicit: CG took {info.iterations} iterations, residual {info.residual:.1e}")
     reference = meta_grad(tmg.adapt(loss_fn, params, support, steps=3000, lr=0.05, rule=rule))
     implicit_diff = float((implicit_grad - reference).norm() / reference.norm())
     print(f"  vs tmg.adapt(..., rule=ImplicitCG): relative difference {implicit_diff:.1e}")

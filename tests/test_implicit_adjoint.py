@@ -495,7 +495,7 @@ def test_single_objective_rules_reject_per_step_batches(problem, rule):
 
 def test_adjoint_with_torchopt_optimizer_is_refused_at_the_call_saying_why(problem):
     """Both front ends refuse it up front (the module front end at its first step)."""
-    with pytest.raises(ValueError, match="plain gradient descent.*tmg.adapt"):
+    with pytest.raises(ValueError, match=r"plain gradient descent.*tmg\.adapt"):
         tmg.adapt(
             problem.loss,
             problem.params,

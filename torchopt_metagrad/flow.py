@@ -162,7 +162,11 @@ def implicit(
             loss = StepLoss(flat_loss(loss_fn, spec), batch, batchable=True)
             record = Record.of_states(spec, phi[None], loss)
             return dict(
-                zip(spec.names, Link.apply(record, rule, "tmg.implicit", *params.values()), strict=True)
+                zip(
+                    spec.names,
+                    Link.apply(record, rule, "tmg.implicit", *params.values()),
+                    strict=True,
+                )
             )
 
         return wrapped
@@ -232,7 +236,11 @@ def adjoint(
             rule.validate(n)
             record = Record.of_states(spec, flat, loss, time_step=h)
             return dict(
-                zip(spec.names, Link.apply(record, rule, "tmg.adjoint", *params.values()), strict=True)
+                zip(
+                    spec.names,
+                    Link.apply(record, rule, "tmg.adjoint", *params.values()),
+                    strict=True,
+                )
             )
 
         return wrapped

@@ -78,11 +78,15 @@ def adapt(
     factory, _, _ = step_map_factory(lr, optimizer)
     step_map = factory(spec, needs.proximal)
     offers = Offers(
-        "tmg.adapt", per_step_batches=batches is not None, flow_samples=step_map.time_step is not None
+        "tmg.adapt",
+        per_step_batches=batches is not None,
+        flow_samples=step_map.time_step is not None,
     )
     check_fit(rule, needs, offers)
     fn = flat_loss(loss_fn, spec)
-    losses = [StepLoss(fn, batch if batches is None else batches[k], batchable=True) for k in range(steps)]
+    losses = [
+        StepLoss(fn, batch if batches is None else batches[k], batchable=True) for k in range(steps)
+    ]
     leaves = list(params.values())
     theta = spec.flatten(leaves)
     loop = InnerLoop(

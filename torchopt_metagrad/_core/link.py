@@ -114,7 +114,9 @@ class Link(torch.autograd.Function):
         return (None, None, None, *(t.clone() for t in record.spec.split(meta)))
 
 
-def run_rule(rule: Any, record: Record, grad_outputs: Sequence[Tensor | None], owner: str) -> Tensor:
+def run_rule(
+    rule: Any, record: Record, grad_outputs: Sequence[Tensor | None], owner: str
+) -> Tensor:
     """The rule's meta-gradient (parameter block) for the outer gradient ``grad_outputs``.
 
     Flattens the outer gradient (``None`` -> zeros), checks it is finite, pads it with
@@ -123,8 +125,10 @@ def run_rule(rule: Any, record: Record, grad_outputs: Sequence[Tensor | None], o
     try:
         rule.validate(record.steps)
     except ValueError as err:
-        raise ValueError(f"{err} (the outer loss uses the parameters after {record.steps} "
-                         f"inner step(s) of {owner})") from None
+        raise ValueError(
+            f"{err} (the outer loss uses the parameters after {record.steps} "
+            f"inner step(s) of {owner})"
+        ) from None
     spec = record.spec
     g = spec.flatten(
         [
@@ -134,15 +138,19 @@ def run_rule(rule: Any, record: Record, grad_outputs: Sequence[Tensor | None], o
     )
     ensure_finite(
         g,
-        lambda: f"before the backward: the outer loss's gradient w.r.t. the adapted params "
-        f"after {record.steps} inner step(s) ({owner}) is not finite",
+        lambda: (
+            f"before the backward: the outer loss's gradient w.r.t. the adapted params "
+            f"after {record.steps} inner step(s) ({owner}) is not finite"
+        ),
     )
     if record.state_dim > spec.numel:
         g = torch.cat([g, g.new_zeros(record.state_dim - spec.numel)])
-    out = rule.meta_gradient(record, g)
+    result = rule.meta_gradient(record, g)
     info = None
-    if isinstance(out, Estimate):
-        out, info = out.value, out.info
+    if isinstance(result, Estimate):
+        out, info = result.value, result.info
+    else:
+        out = result
     _publish(RuleReport(rule, owner, record.steps, info))
     meta = out[: spec.numel]
     ensure_finite(meta, lambda: f"in {type(rule).__name__}'s result ({owner})")

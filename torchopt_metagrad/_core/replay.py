@@ -167,7 +167,7 @@ class _Watch(_Guard):
 
     found = False
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self._external_writes(func, args, kwargs):
             self.found = True
@@ -181,7 +181,7 @@ class _Shield(_Guard):
         super().__init__()
         self._copies: dict[int, Tensor] = {}
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self._copies:
             swap = self._copies.get

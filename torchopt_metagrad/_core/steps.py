@@ -275,7 +275,12 @@ def _from_torch_optim(opt: torch.optim.Optimizer) -> tuple[StepMapFactory, Any, 
 
 
 def sgd_factory(
-    lr: Any, *, momentum: float, weight_decay: float, dampening: float, nesterov: bool,
+    lr: Any,
+    *,
+    momentum: float,
+    weight_decay: float,
+    dampening: float,
+    nesterov: bool,
     maximize: bool,
 ) -> tuple[StepMapFactory, Any]:
     """``torchopt.MetaSGD``'s arguments as a step map: plain descent when it is one."""

@@ -2,7 +2,6 @@
 
 from torchopt_metagrad._core.engine import reset_fallback_warnings
 from torchopt_metagrad._core.link import RuleReport, collect
-
 from torchopt_metagrad.diagnostics.memory import (
     LiveMemoryTracker,
     peak_cuda_bytes,
@@ -14,9 +13,9 @@ from torchopt_metagrad.diagnostics.memory import (
 )
 
 __all__ = [
+    "LiveMemoryTracker",
     "RuleReport",
     "collect",
-    "LiveMemoryTracker",
     "peak_cuda_bytes",
     "peak_live_bytes",
     "peak_rss_bytes",

@@ -17,8 +17,6 @@ import numbers
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-import torchopt
 from torch import Tensor, nn
 
 from torchopt_metagrad._core.steps import step_map_factory

@@ -94,7 +94,9 @@ class Session:
                 "on the optimizer"
             )
         if status == "continue":
-            for t, version, name in zip(self.current, self._versions, self.slots.names, strict=True):
+            for t, version, name in zip(
+                self.current, self._versions, self.slots.names, strict=True
+            ):
                 if t._version != version:
                     raise RuntimeError(
                         f"module parameter {name!r} was modified in place after inner step "

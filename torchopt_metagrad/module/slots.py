@@ -129,7 +129,7 @@ def closure_loss(closure: Callable[[], Any], slots: Slots, spec: FlatSpec) -> St
             for m, flag in zip(slots.modules, modes, strict=True):
                 m.training = flag
             with slots.replaced(spec.split(params)):
-                return closure()  # type: ignore[no-any-return]
+                return closure()
         finally:
             _thread.depth -= replay
             for m, flag in zip(slots.modules, flags, strict=True):

@@ -60,13 +60,11 @@ class Adjoint(FlowRule):
         step_size: step of fixed-grid methods (``None``: torchdiffeq's default).
     """
 
-
     backward: str = "heun"
     method: str = "dopri5"
     rtol: float = 1e-7
     atol: float = 1e-9
     step_size: float | None = None
-
 
     def __post_init__(self) -> None:
         if self.backward not in _BACKWARDS:

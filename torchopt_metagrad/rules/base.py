@@ -227,4 +227,3 @@ def rule_class(name: str) -> type[AbstractRule]:
 def make_rule(name: str, **knobs: Any) -> AbstractRule:
     """Build the rule registered as ``name``: ``make_rule("binomial", order=2)``."""
     return rule_class(name)(**knobs)
-
