@@ -10,6 +10,7 @@ Usage::
 """
 
 from torchopt_metagrad import diagnostics
+from torchopt_metagrad._core.ode import ODE
 from torchopt_metagrad.errors import (
     NonFiniteError,
     ODESolveError,
@@ -44,6 +45,7 @@ from torchopt_metagrad.rules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ODE",
     "AbstractRule",
     "Adjoint",
     "Binomial",

@@ -167,7 +167,7 @@ def parse_method(text: str) -> Method:
             hint = ", ".join(f"--{m.replace('_', '-')} / {m}=..." for m in missing)
             raise ValueError(f"rule {name!r} needs {hint}")
         rule = method.build_rule()  # the rule's own checks (order >= 0, reg > 0, ...)
-        if method.flow is not None and not rule.supports_flow:
+        if method.flow is not None and not rule.needs(1).flow:
             raise ValueError(f"{name}: flow= needs a rule that works on a gradient flow")
     elif method.flow is not None:
         raise ValueError(f"{name}: flow= is only for meta-gradient rules")
@@ -234,7 +234,7 @@ def task_direction(
         return DIRECTIONS[method.name](method, loss_fn, params, task, steps, lr, scale)
     assert rule is not None
     support, query = task
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, tmg.diagnostics.collect() as reports:
         warnings.simplefilter("always", tmg.SolverWarning)
         if method.flow is None:
             adapted = tmg.adapt(loss_fn, params, support, steps=steps, lr=lr, rule=rule)
@@ -244,8 +244,8 @@ def task_direction(
                 params,
                 support,
                 T=steps * lr,
-                rule=typing.cast(Any, rule),  # parse_method checked rule.supports_flow
-                method=method.flow,
+                rule=rule,
+                solver=tmg.ODE(method.flow),
                 save_every=lr,
             )
         query_loss = loss_fn(adapted, query)
@@ -255,7 +255,7 @@ def task_direction(
     for w in caught:  # anything else is the caller's business: re-emit it
         if not issubclass(w.category, tmg.SolverWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    info = getattr(rule, "info", None)  # e.g. ImplicitCG's CGInfo of the last solve
+    info = reports[-1].info if reports else None  # e.g. ImplicitCG's CGInfo
     if info is not None:
         extras = {f"rule/{k}": float(v) for k, v in dataclasses.asdict(info).items()}
     if info is not None or solver:
