@@ -164,7 +164,9 @@ class InnerLoop:
 
 
 def _finite_hook(k: int) -> Callable[[Tensor], None]:
-    def hook(grad: Tensor) -> None:
+    def hook(grad: Tensor | None) -> None:
+        if grad is None:  # an undefined gradient (e.g. gradcheck's check_undefined_grad)
+            return
         ensure_finite(grad, lambda: f"at inner step {k} (backward through the unrolled graph)")
 
     return hook
