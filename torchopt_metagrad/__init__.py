@@ -9,7 +9,7 @@ Usage::
     outer_loss(adapted).backward()   # the rule's meta-gradient lands on .grad
 """
 
-from torchopt_metagrad import diagnostics
+from torchopt_metagrad import diagnostics, rules
 from torchopt_metagrad._core.ode import ODE
 from torchopt_metagrad.errors import (
     NonFiniteError,
@@ -26,51 +26,25 @@ from torchopt_metagrad.module import (
     MetaSGD,
     innerloop_ctx,
 )
-from torchopt_metagrad.rules import (
-    AbstractRule,
-    Adjoint,
-    Binomial,
-    CGInfo,
-    Exact,
-    FirstOrder,
-    ImplicitCG,
-    Truncated,
-    Unrolled,
-    available_rules,
-    make_rule,
-    register,
-    rule_class,
-)
+from torchopt_metagrad.rules import *  # noqa: F403 - every rule and the registry
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ODE",
-    "AbstractRule",
-    "Adjoint",
-    "Binomial",
-    "CGInfo",
     "DifferentiableOptimizer",
-    "Exact",
-    "FirstOrder",
-    "ImplicitCG",
     "MetaAdam",
     "MetaOptimizer",
     "MetaSGD",
     "NonFiniteError",
     "ODESolveError",
     "SolverWarning",
-    "Truncated",
-    "Unrolled",
     "VectorizationFallbackWarning",
     "adapt",
     "adjoint",
-    "available_rules",
     "diagnostics",
     "flow",
     "implicit",
     "innerloop_ctx",
-    "make_rule",
-    "register",
-    "rule_class",
 ]
+__all__ += rules.__all__

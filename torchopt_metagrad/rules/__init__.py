@@ -1,4 +1,9 @@
-"""Meta-gradient rules, found by name in one registry."""
+"""Meta-gradient rules, found by name in one registry.
+
+Each rule module registers its rule(s) with ``@register`` when imported. The registry
+entry of a rule module is its import below and its names in ``__all__``; ``tmg``
+re-exports everything listed here.
+"""
 
 from torchopt_metagrad.rules.adjoint import Adjoint
 from torchopt_metagrad.rules.base import (
