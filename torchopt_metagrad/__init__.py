@@ -35,6 +35,7 @@ from torchopt_metagrad.rules import (
     register,
     rule_class,
 )
+from torchopt_metagrad.rules.spec import format_rule, parse_rule, parse_rule_spec, rule_knobs
 
 __version__ = "0.1.0"
 
@@ -61,9 +62,13 @@ __all__ = [
     "available_rules",
     "diagnostics",
     "flow",
+    "format_rule",
     "implicit",
     "innerloop_ctx",
     "make_rule",
+    "parse_rule",
+    "parse_rule_spec",
     "register",
     "rule_class",
+    "rule_knobs",
 ]
