@@ -1,5 +1,14 @@
 """Diagnostics: measuring what a meta-gradient rule costs (memory, ...)."""
 
+from torchopt_metagrad.diagnostics.estimators import (
+    Comparison,
+    compare,
+    compare_to_exact,
+    curvature_regime,
+    hessian_norm,
+    inner_iterates,
+    meta_gradient,
+)
 from torchopt_metagrad.diagnostics.memory import (
     LiveMemoryTracker,
     peak_cuda_bytes,
@@ -11,7 +20,14 @@ from torchopt_metagrad.diagnostics.memory import (
 )
 
 __all__ = [
+    "Comparison",
     "LiveMemoryTracker",
+    "compare",
+    "compare_to_exact",
+    "curvature_regime",
+    "hessian_norm",
+    "inner_iterates",
+    "meta_gradient",
     "peak_cuda_bytes",
     "peak_live_bytes",
     "peak_rss_bytes",
