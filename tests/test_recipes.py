@@ -184,7 +184,8 @@ def test_rule_and_knobs_from_the_command_line():
         assert type(method.build_rule()) is tmg.rule_class(name)
     assert isinstance(parse_method("binomial:order=2").build_rule(), tmg.Binomial)
     for bad in (["--rule", "binomial"], ["--rule", "truncated", "--reg", "1"],
-                ["--rule", "nope"], ["--rule", "binomial", "--order", "-1"]):  # fmt: skip
+                ["--rule", "nope"], ["--rule", "binomial", "--order", "-1"],
+                ["--power-iters", "0"]):  # fmt: skip
         with pytest.raises(SystemExit):
             parse_config(SineConfig, bad)
     quick = parse_config(SineConfig, ["--quick", "--meta-steps", "7"])

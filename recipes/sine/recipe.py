@@ -85,6 +85,8 @@ class SineConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_method(self.rule).check(self.steps)  # order > steps: an argparse error
+        if self.power_iters < 1:
+            raise ValueError(f"--power-iters must be >= 1, got {self.power_iters}")
 
 
 def main(
