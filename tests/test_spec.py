@@ -286,3 +286,16 @@ def test_nested_dataclass_errors(nested_rule, knobs, message):
 
 def test_the_test_rule_is_gone_after_its_test():
     assert NESTED not in tmg.available_rules()
+
+
+def test_knob_types_that_cannot_be_resolved_are_a_clear_error():
+    @dataclasses.dataclass(frozen=True)
+    class LocalSettings:
+        steps: int = 1
+
+    @dataclasses.dataclass(frozen=True)
+    class LocalRule(tmg.Exact):
+        settings: LocalSettings | None = None  # a string naming a class of this scope only
+
+    with pytest.raises(TypeError, match="knob types of LocalRule cannot be resolved"):
+        tmg.rule_knobs(LocalRule)

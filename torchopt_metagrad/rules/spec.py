@@ -41,6 +41,8 @@ def rule_knobs(rule: str | type[AbstractRule]) -> dict[str, Any]:
 
     Raises:
         ValueError: ``rule`` is not a registered name (the message lists them).
+        TypeError: the field annotations cannot be resolved (they name classes of a
+            local scope).
     """
     cls = rule_class(rule) if isinstance(rule, str) else rule
     return _field_types(cls)
@@ -139,7 +141,7 @@ def format_rule(rule: AbstractRule) -> str:
 def _field_types(cls: type) -> dict[str, Any]:
     fields = [f for f in dataclasses.fields(cls) if f.init]
     try:
-        return {f.name: get_type_hints(cls)[f.name] for f in fields}
+        hints = get_type_hints(cls)
     except NameError:  # string annotations naming something only a local scope knows
         if any(isinstance(f.type, str) for f in fields):
             raise TypeError(
@@ -147,6 +149,7 @@ def _field_types(cls: type) -> dict[str, Any]:
                 "local classes); define it and its knob types at module level"
             ) from None
         return {f.name: f.type for f in fields}
+    return {f.name: hints[f.name] for f in fields}
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:
