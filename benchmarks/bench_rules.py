@@ -34,7 +34,8 @@ The Markdown report goes to stdout (and ``--output``); progress goes to stderr.
 Examples::
 
     python benchmarks/bench_rules.py --quick
-    python benchmarks/bench_rules.py --models sine --ks 5 10 25 --rules Exact Unrolled
+    python benchmarks/bench_rules.py --models sine --ks 5 10 25 --rules exact unrolled
+    python benchmarks/bench_rules.py --models conv --ks 100 --rules exact implicit_cg:reg=1
     nohup python benchmarks/bench_rules.py > benchmarks/results_cpu.md 2> bench.log &
 """
 
@@ -61,34 +62,32 @@ import torchopt
 from torch import nn
 from torch.func import functional_call
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from models import WORKLOADS, Task, Workload
+# The repository root, for the shared workloads/ package and benchmarks/models.py.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torchopt_metagrad as tmg
+from benchmarks.models import WORKLOADS, Task, Workload
 from torchopt_metagrad.diagnostics import (
     LiveMemoryTracker,
     peak_rss_bytes,
     reset_peak_rss,
 )
 
-DEFAULT_RULES = ["FirstOrder", "Truncated(2)", "Binomial(1)", "Binomial(2)", "Exact", "Unrolled"]
+DEFAULT_RULES = [
+    "first_order",
+    "truncated:order=2",
+    "binomial:order=1",
+    "binomial:order=2",
+    "exact",
+    "unrolled",
+]
 DEFAULT_KS = [5, 10, 25, 50, 100]
 TORCHOPT = "torchopt.MetaSGD"
 MiB = float(2**20)
 KiB = 1024.0
 
-_RULE_RE = re.compile(r"^\s*([A-Za-z_]+)\s*(?:\((.*)\))?\s*$")
-
-
-def _rule_classes() -> dict[str, type]:
-    """Rule classes of the registry by lower-case class name and by registry name."""
-    out: dict[str, type] = {}
-    for name in tmg.available_rules():
-        cls = tmg.rule_class(name)
-        out[cls.__name__.lower()] = cls
-        out[name.replace("_", "")] = cls
-    return out
+#: The older call form of a rule on the command line: ``Binomial(2)``, ``Exact``.
+_CALL_RE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(?:\((.*)\))?\s*$")
 
 
 def log(msg: str) -> None:
@@ -99,65 +98,90 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------- rules
 @dataclass(frozen=True)
 class RuleSpec:
-    """A rule as given on the command line: a registry class and its literal arguments."""
+    """A rule from the command line, and a suffix for its label (``" loop"``)."""
 
-    cls_name: str
-    args: tuple[Any, ...] = ()
-    kwargs: tuple[tuple[str, Any], ...] = ()
+    rule: tmg.AbstractRule
     suffix: str = ""
 
     @property
-    def name(self) -> str:
-        """Class name, e.g. ``Binomial``."""
-        return self.cls_name
-
-    @property
     def label(self) -> str:
-        """Human-readable label, e.g. ``Binomial(2)`` or ``Binomial(2) loop``."""
-        shown = [(k, v) for k, v in self.kwargs if not (self.suffix and k == "vectorize")]
-        inner = ", ".join([repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in shown])
-        base = f"{self.cls_name}({inner})" if inner else self.cls_name
-        return base + self.suffix
+        """Its row in the tables, in call form: ``Binomial(2)``, ``ImplicitCG(1.0)``, ``Exact``.
 
-    def build(self) -> Any:
-        """Instantiate the tmg rule."""
-        return getattr(tmg, self.cls_name)(*self.args, **dict(self.kwargs))
+        Required knobs are shown positionally, the others when they differ from their
+        defaults (``vectorize`` not in a ``" loop"`` row, whose suffix says it).
+        """
+        shown = []
+        for f in dataclasses.fields(self.rule):
+            if not f.init or (self.suffix and f.name == "vectorize"):
+                continue
+            value = getattr(self.rule, f.name)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                shown.append(repr(value) if not f.kw_only else f"{f.name}={value!r}")
+            elif f.default is dataclasses.MISSING or value != f.default:
+                shown.append(f"{f.name}={value!r}")
+        name = type(self.rule).__name__
+        return (f"{name}({', '.join(shown)})" if shown else name) + self.suffix
+
+    def build(self) -> tmg.AbstractRule:
+        """A fresh copy of the rule (rules such as ImplicitCG log their last solve)."""
+        return dataclasses.replace(self.rule)
 
     def looped(self) -> RuleSpec | None:
-        """The same rule with ``vectorize=False``, if it has that knob."""
-        cls = getattr(tmg, self.cls_name)
-        if "vectorize" not in {f.name for f in dataclasses.fields(cls)}:
+        """The same rule with ``vectorize=False``, if it has that knob set to True."""
+        if not getattr(self.rule, "vectorize", False):
             return None
-        return RuleSpec(self.cls_name, self.args, (*self.kwargs, ("vectorize", False)), " loop")
+        return RuleSpec(dataclasses.replace(self.rule, vectorize=False), " loop")
+
+
+def _spec_text(text: str) -> str:
+    """``text`` in the library's spec form; the call form ``Binomial(2)`` is rewritten.
+
+    Call form: a rule's class or registry name (any case, underscores optional) with
+    Python literal arguments, positional ones taken by the rule's positional fields in
+    order: ``Binomial(2)`` -> ``binomial:order=2``,
+    ``ImplicitCG(1.0, maxiter=10)`` -> ``implicit_cg:reg=1.0,maxiter=10``.
+    """
+    m = _CALL_RE.match(text)
+    if m is None:
+        return text  # a spec: tmg.parse_rule reads it (and reports what is wrong)
+    names = {}
+    for name in tmg.available_rules():
+        names[tmg.rule_class(name).__name__.lower()] = name
+        names[name.replace("_", "")] = name
+    name = names.get(m.group(1).lower().replace("_", ""))
+    if name is None or not m.group(2):
+        return name or text
+    try:
+        call = ast.parse(f"f({m.group(2)})", mode="eval").body
+        if not isinstance(call, ast.Call):
+            raise ValueError("not a call")
+        args = [ast.literal_eval(a) for a in call.args]
+        kwargs = [(k.arg or "", ast.literal_eval(k.value)) for k in call.keywords]
+    except (SyntaxError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"bad rule arguments in {text!r}: {err}") from None
+    fields = dataclasses.fields(tmg.rule_class(name))
+    positional = [f.name for f in fields if f.init and not f.kw_only]
+    if len(args) > len(positional):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {name} takes at most {len(positional)} positional arguments "
+            f"({', '.join(positional) or 'none'})"
+        )
+
+    def show(value: Any) -> str:
+        if value is None or isinstance(value, bool):
+            return str(value).lower()
+        return str(value)
+
+    items = [f"{k}={show(v)}" for k, v in [*zip(positional, args), *kwargs]]
+    return f"{name}:{','.join(items)}" if items else name
 
 
 def parse_rule(text: str) -> RuleSpec:
-    """Parse ``Exact``, ``Truncated(2)``, ``ImplicitCG(1.0, maxiter=10)``, ``adjoint`` ..."""
-    m = _RULE_RE.match(text)
-    classes = _rule_classes()
-    if not m or m.group(1).lower().replace("_", "") not in classes:
-        raise argparse.ArgumentTypeError(
-            f"unknown rule {text!r}; expected one of "
-            f"{sorted({c.__name__ for c in classes.values()})} with literal arguments, "
-            "e.g. 'Truncated(2)' or 'ImplicitCG(1.0, maxiter=10)'"
-        )
-    cls = classes[m.group(1).lower().replace("_", "")]
-    args: tuple[Any, ...] = ()
-    kwargs: tuple[tuple[str, Any], ...] = ()
-    if m.group(2):
-        try:
-            call = ast.parse(f"f({m.group(2)})", mode="eval").body
-            assert isinstance(call, ast.Call)
-            args = tuple(ast.literal_eval(a) for a in call.args)
-            kwargs = tuple((k.arg or "", ast.literal_eval(k.value)) for k in call.keywords)
-        except (SyntaxError, ValueError, AssertionError) as err:
-            raise argparse.ArgumentTypeError(f"bad rule arguments in {text!r}: {err}") from None
-    spec = RuleSpec(cls.__name__, args, kwargs)
+    """A rule spec (``binomial:order=2``, ``exact``) or the call form (``Binomial(2)``)."""
     try:
-        spec.build()
-    except (TypeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(f"rule {text!r}: {err}") from None
-    return spec
+        return RuleSpec(tmg.parse_rule(_spec_text(text)))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # ------------------------------------------------------------------------------- sides
@@ -183,16 +207,9 @@ def make_ours(net: nn.Module, wl: Workload, spec: RuleSpec) -> Side:
     def run(tasks: list[Task], steps: int) -> None:
         net.zero_grad(set_to_none=True)
         n = len(tasks)
-        for task in tasks:
-            adapted = tmg.adapt(
-                loss_fn,
-                params,
-                (task.x_support, task.y_support),
-                steps=steps,
-                lr=wl.inner_lr,
-                rule=rule,
-            )
-            (loss_fn(adapted, (task.x_query, task.y_query)) / n).backward()
+        for support, query in tasks:
+            adapted = tmg.adapt(loss_fn, params, support, steps=steps, lr=wl.inner_lr, rule=rule)
+            (loss_fn(adapted, query) / n).backward()
 
     return Side(spec.label, net, run, is_ours=True)
 
@@ -210,10 +227,10 @@ def make_module(net: nn.Module, wl: Workload, spec: RuleSpec) -> Side:
         n = len(tasks)
         net_state = torchopt.extract_state_dict(net, by="reference", detach_buffers=True)
         opt_state = torchopt.extract_state_dict(inner_opt)
-        for task in tasks:
+        for (xs, ys), (xq, yq) in tasks:
             for _ in range(steps):
-                inner_opt.step(lambda task=task: wl.loss(net(task.x_support), task.y_support))
-            (wl.loss(net(task.x_query), task.y_query) / n).backward()
+                inner_opt.step(lambda xs=xs, ys=ys: wl.loss(net(xs), ys))
+            (wl.loss(net(xq), yq) / n).backward()
             torchopt.recover_state_dict(net, net_state)
             torchopt.recover_state_dict(inner_opt, opt_state)
 
@@ -229,10 +246,10 @@ def make_torchopt(net: nn.Module, wl: Workload) -> Side:
         n = len(tasks)
         net_state = torchopt.extract_state_dict(net, by="reference", detach_buffers=True)
         opt_state = torchopt.extract_state_dict(inner_opt)
-        for task in tasks:
+        for (xs, ys), (xq, yq) in tasks:
             for _ in range(steps):
-                inner_opt.step(wl.loss(net(task.x_support), task.y_support))
-            (wl.loss(net(task.x_query), task.y_query) / n).backward()
+                inner_opt.step(wl.loss(net(xs), ys))
+            (wl.loss(net(xq), yq) / n).backward()
             torchopt.recover_state_dict(net, net_state)
             torchopt.recover_state_dict(inner_opt, opt_state)
 

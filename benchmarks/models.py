@@ -1,5 +1,8 @@
 """The two meta-learning workloads of the benchmark: sine regression and 5-way 1-shot conv.
 
+The networks and task samplers are the shared ones of :mod:`workloads`; this module
+only fixes the benchmark's sizes, losses and inner learning rates.
+
 * ``sine``: MLP 1-40-40-1 with ReLU (MAML's sinusoid regression). A task is
   ``A sin(x + phase)`` with ``A ~ U[0.1, 5]``, ``phase ~ U[0, pi]``, ``x ~ U[-5, 5]``;
   10 support points for the inner loss, 10 query points for the outer loss; MSE.
@@ -12,7 +15,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,15 +22,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from workloads import fewshot, sine
 
-@dataclass(frozen=True)
-class Task:
-    """One task: support set for the inner loss, query set for the outer loss."""
-
-    x_support: torch.Tensor
-    y_support: torch.Tensor
-    x_query: torch.Tensor
-    y_query: torch.Tensor
+#: ``((x_support, y_support), (x_query, y_query))``.
+Task = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -43,72 +40,21 @@ class Workload:
     inner_lr: float
 
 
-def sine_mlp() -> nn.Module:
-    """MLP 1-40-40-1 with ReLU."""
-    return nn.Sequential(
-        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
-    )
+def sample_sine_tasks(num_tasks: int, gen: torch.Generator) -> list[Task]:
+    """Sine tasks with 10 support and 10 query points, drawn one task after another."""
+    return [sine.sample_task(gen, shots=10, query_shots=10) for _ in range(num_tasks)]
 
 
-def sample_sine_tasks(
-    num_tasks: int, gen: torch.Generator, n_support: int = 10, n_query: int = 10
-) -> list[Task]:
-    """Sample sinusoid regression tasks."""
-    tasks = []
-    for _ in range(num_tasks):
-        amp = 0.1 + 4.9 * torch.rand((), generator=gen)
-        phase = math.pi * torch.rand((), generator=gen)
-        xs = -5.0 + 10.0 * torch.rand(n_support, 1, generator=gen)
-        xq = -5.0 + 10.0 * torch.rand(n_query, 1, generator=gen)
-        tasks.append(Task(xs, amp * torch.sin(xs + phase), xq, amp * torch.sin(xq + phase)))
-    return tasks
-
-
-def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-        nn.BatchNorm2d(out_channels, track_running_stats=False),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-    )
-
-
-def conv4(n_way: int = 5, in_channels: int = 1, hidden: int = 64) -> nn.Module:
-    """The 4-conv few-shot net for 28x28 inputs (28 -> 14 -> 7 -> 3 -> 1)."""
-    return nn.Sequential(
-        _conv_block(in_channels, hidden),
-        _conv_block(hidden, hidden),
-        _conv_block(hidden, hidden),
-        _conv_block(hidden, hidden),
-        nn.Flatten(),
-        nn.Linear(hidden, n_way),
-    )
-
-
-def sample_conv_tasks(
-    num_tasks: int,
-    gen: torch.Generator,
-    n_way: int = 5,
-    k_shot: int = 1,
-    n_query_per_class: int = 15,
-    image_size: int = 28,
-) -> list[Task]:
-    """Sample synthetic N-way K-shot image tasks (random pixels, balanced labels)."""
-    tasks = []
-    for _ in range(num_tasks):
-        xs = torch.randn(n_way * k_shot, 1, image_size, image_size, generator=gen)
-        xq = torch.randn(n_way * n_query_per_class, 1, image_size, image_size, generator=gen)
-        ys = torch.arange(n_way).repeat_interleave(k_shot)
-        yq = torch.arange(n_way).repeat_interleave(n_query_per_class)
-        tasks.append(Task(xs, ys, xq, yq))
-    return tasks
+def sample_conv_tasks(num_tasks: int, gen: torch.Generator) -> list[Task]:
+    """5-way 1-shot episodes of random 28x28 images, 15 query images per class."""
+    return fewshot.sample_episodes(gen, num_tasks, n_way=5, k_shot=1, query_per_class=15)
 
 
 WORKLOADS: dict[str, Workload] = {
     "sine": Workload(
         name="sine",
         description="sine MLP 1-40-40-1 ReLU, 10 support / 10 query points, MSE",
-        make_net=sine_mlp,
+        make_net=sine.make_mlp,
         sample_tasks=sample_sine_tasks,
         loss=F.mse_loss,
         inner_lr=0.01,
@@ -119,7 +65,7 @@ WORKLOADS: dict[str, Workload] = {
             "4-conv (64 filters, BN w/o running stats) 28x28x1, 5-way 1-shot, "
             "5 support / 75 query images, cross-entropy"
         ),
-        make_net=conv4,
+        make_net=fewshot.conv4,
         sample_tasks=sample_conv_tasks,
         loss=F.cross_entropy,
         inner_lr=0.1,

@@ -12,7 +12,7 @@ optimizer is built by ``make_inner_opt``::
 The data are random 28x28 "characters" (this machine has no Omniglot), so the numbers
 only show that the rules agree with torchopt where they are exact.
 
-    python examples/maml_omniglot_pattern.py --rules unrolled exact binomial:1 first_order
+    python examples/maml_omniglot_pattern.py --rules unrolled exact binomial:order=1 first_order
 """
 
 from __future__ import annotations
@@ -101,12 +101,6 @@ def train(
     return log
 
 
-def parse_rule(text: str) -> tmg.AbstractRule:
-    """``"exact"`` or ``"binomial:2"`` (name from ``tmg.available_rules()``, optional order)."""
-    name, _, order = text.partition(":")
-    return tmg.make_rule(name, order=int(order)) if order else tmg.make_rule(name)
-
-
 def run(
     make_inner_opt: Callable[[nn.Module], Any],
     *,
@@ -134,10 +128,19 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rules", nargs="+", default=["unrolled", "exact", "binomial:1"])
+    parser.add_argument(
+        "--rules",
+        nargs="+",
+        default=["unrolled", "exact", "binomial:order=1"],
+        help="rule specs, name[:knob=value,...] (tmg.parse_rule)",
+    )
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--inner-steps", type=int, default=3)
     args = parser.parse_args(argv)
+    try:
+        rules = {text: tmg.parse_rule(text) for text in args.rules}
+    except ValueError as err:
+        parser.error(f"--rules: {err}")
 
     def sizes(net: nn.Module) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
@@ -148,11 +151,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     print(f"{'inner optimizer':42s} {'last query loss':>16s} {'max |theta - torchopt|':>22s}")
     print(f"{'torchopt.MetaSGD(net, lr=0.1)':42s} {ref_log[-1]:16.8f} {0.0:22.3e}")
     out = {}
-    for text in args.rules:
-        rule = parse_rule(text)
+    for text, rule in rules.items():
         net, log = run(lambda net, rule=rule: tmg.MetaSGD(net, lr=1e-1, rule=rule), **kw)
         diff = float((sizes(net) - ref).abs().max())
-        print(f"{f'tmg.MetaSGD(net, lr=0.1, rule={rule!r})'[:42]:42s} {log[-1]:16.8f} {diff:22.3e}")
+        label = f"tmg.MetaSGD, rule {tmg.format_rule(rule)}"
+        print(f"{label:42s} {log[-1]:16.8f} {diff:22.3e}")
         out[text] = diff
     return out
 

@@ -184,7 +184,8 @@ def test_rule_and_knobs_from_the_command_line():
         assert type(method.build_rule()) is tmg.rule_class(name)
     assert isinstance(parse_method("binomial:order=2").build_rule(), tmg.Binomial)
     for bad in (["--rule", "binomial"], ["--rule", "truncated", "--reg", "1"],
-                ["--rule", "nope"], ["--rule", "binomial", "--order", "-1"]):  # fmt: skip
+                ["--rule", "nope"], ["--rule", "binomial", "--order", "-1"],
+                ["--power-iters", "0"]):  # fmt: skip
         with pytest.raises(SystemExit):
             parse_config(SineConfig, bad)
     quick = parse_config(SineConfig, ["--quick", "--meta-steps", "7"])
@@ -210,3 +211,20 @@ def test_reptile_direction_is_theta_minus_adapted():
         phi = [(v - 0.1 * g).detach().requires_grad_() for v, g in zip(phi, grads)]
     for p, ph in zip(params.values(), phi):
         torch.testing.assert_close(p.grad, 0.5 * (p.detach() - ph.detach()))
+
+
+def test_methods_use_the_library_rule_grammar():
+    for text in ("binomial:order=2", "implicit_cg:reg=1,maxiter=5", "adjoint:backward=odeint"):
+        method = parse_method(f"{text},steps=3,label=x")
+        assert method.build_rule() == tmg.parse_rule(text)
+        assert (method.steps, method.label) == (3, "x")
+    # one rule, two spellings: equal methods with one canonical spec (tmg.format_rule's)
+    assert parse_method("binomial:order=2,vectorize=true") == parse_method("binomial:order=2")
+    assert parse_method("implicit_cg:reg=1.0,maxiter=20,steps=4").spec == (
+        "implicit_cg:reg=1,steps=4"
+    )
+    for bad, message in [("binomial:oder=2", r"no knob 'oder'; knobs: order, .*steps, label"),
+                         ("reptile:order=1", "'reptile' has no knob 'order'"),
+                         ("binomial:order=1,steps=x", "knob 'steps': expected int")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            parse_method(bad)

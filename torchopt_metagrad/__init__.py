@@ -27,6 +27,7 @@ from torchopt_metagrad.module import (
     innerloop_ctx,
 )
 from torchopt_metagrad.rules import *  # noqa: F403 - every rule and the registry
+from torchopt_metagrad.rules.spec import format_rule, parse_rule, parse_rule_spec, rule_knobs
 
 __version__ = "0.1.0"
 
@@ -44,7 +45,11 @@ __all__ = [
     "adjoint",
     "diagnostics",
     "flow",
+    "format_rule",
     "implicit",
     "innerloop_ctx",
+    "parse_rule",
+    "parse_rule_spec",
+    "rule_knobs",
 ]
 __all__ += rules.__all__

@@ -11,19 +11,18 @@ A *method* is written as one string, ``name[:key=value,...]``:
   name in tables), ``flow`` (solve the inner problem as a gradient flow with
   ``tmg.flow`` and this torchdiffeq method, for rules that support it).
 
-Nothing here branches on a rule's name: knobs and their types come from the rule
-classes, so a rule added to the library is usable from every recipe's command line.
+The grammar is the library's (``tmg.parse_rule_spec``, ``tmg.format_rule``): knobs and
+their types come from the rule classes and nothing here branches on a rule's name, so a
+rule added to the library is usable from every recipe's command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,7 +65,11 @@ DIRECTIONS: dict[str, Callable[..., TaskStats]] = {}
 
 @dataclass(frozen=True)
 class Method:
-    """A parsed method spec: a rule name or an outer direction, its knobs, runner keys."""
+    """A parsed method spec: a rule name or an outer direction, its knobs, runner keys.
+
+    ``knobs`` are the rule's knobs that differ from their defaults, in field order (as
+    ``tmg.format_rule`` writes them), so two spellings of one rule are equal methods.
+    """
 
     name: str
     knobs: tuple[tuple[str, Any], ...] = ()
@@ -82,8 +85,7 @@ class Method:
     @property
     def spec(self) -> str:
         """The canonical spec string (parses back to an equal ``Method``)."""
-        items = [f"{k}={_show(v)}" for k, v in self.knobs]
-        items += [f"{k}={getattr(self, k)}" for k in RUNNER_KEYS if getattr(self, k)]
+        items = [*self._knob_items(), *self._runner_items(RUNNER_KEYS)]
         return self.name + (":" + ",".join(items) if items else "")
 
     @property
@@ -91,8 +93,7 @@ class Method:
         """The label, or the spec in function-call form: ``binomial(order=2)``."""
         if self.label:
             return self.label
-        items = [f"{k}={_show(v)}" for k, v in self.knobs]
-        items += [f"{k}={getattr(self, k)}" for k in ("steps", "flow") if getattr(self, k)]
+        items = [*self._knob_items(), *self._runner_items(("steps", "flow"))]
         return self.name + (f"({','.join(items)})" if items else "")
 
     @property
@@ -100,6 +101,15 @@ class Method:
         """A file-name-safe form of :attr:`display`."""
         keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.display)
         return keep.strip("_") or self.name
+
+    def _knob_items(self) -> list[str]:
+        if not self.is_rule:
+            return []
+        _, _, items = tmg.format_rule(self.build_rule()).partition(":")
+        return [items] if items else []
+
+    def _runner_items(self, keys: Iterable[str]) -> list[str]:
+        return [f"{k}={getattr(self, k)}" for k in keys if getattr(self, k)]
 
     def check(self, steps: int) -> None:
         """Raise ``ValueError`` if the rule does not fit ``steps`` inner steps (order > K)."""
@@ -119,97 +129,50 @@ class Method:
 def parse_method(text: str) -> Method:
     """Parse ``name[:key=value,...]`` into a :class:`Method`.
 
+    The rule name and knobs follow the library's grammar (``tmg.parse_rule_spec``);
+    the runner keys (``steps``, ``label``, ``flow``) and the outer directions are
+    added here.
+
     Raises:
         ValueError: unknown name or key, a badly formed item, or knob values the rule
             rejects (the rule's own message); messages list what is valid.
     """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("a method is 'name[:key=value,...]', got an empty string")
-    name, _, rest = text.strip().partition(":")
-    name = name.strip()
+    name, values = tmg.parse_rule_spec(text, extra_keys=RUNNER_KEYS, extra_names=DIRECTIONS)
+    runner = {k: values.pop(k) for k in RUNNER_KEYS if k in values}
+    if runner.get("steps") is not None and runner["steps"] < 1:
+        raise ValueError(f"{name}: steps must be >= 1, got {runner['steps']}")
     if name in DIRECTIONS:
-        fields: dict[str, Any] = {}
-    else:
-        try:
-            cls = tmg.rule_class(name)
-        except ValueError:
-            valid = ", ".join([*tmg.available_rules(), *DIRECTIONS])
-            raise ValueError(f"unknown method {name!r}; available: {valid}") from None
-        fields = _rule_fields(cls)
-    knobs: dict[str, Any] = {}
-    runner: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq:
-            raise ValueError(f"{name}: expected key=value, got {item!r}")
-        if key in RUNNER_KEYS:
-            runner[key] = _convert(RUNNER_KEYS[key], value.strip(), f"{name}: {key}")
-        elif key in fields:
-            knobs[key] = _convert(fields[key], value.strip(), f"{name}: {key}")
-        else:
-            valid = ", ".join([*fields, *RUNNER_KEYS])
-            raise ValueError(f"{name} has no knob {key!r}; valid keys: {valid}")
-    order = list(fields)
-    method = Method(name, tuple(sorted(knobs.items(), key=lambda kv: order.index(kv[0]))), **runner)
-    if method.steps is not None and method.steps < 1:
-        raise ValueError(f"{name}: steps must be >= 1, got {method.steps}")
-    if method.is_rule:
-        missing = [
-            f.name
-            for f in dataclasses.fields(tmg.rule_class(name))
-            if f.init
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-            and f.name not in knobs
-        ]
-        if missing:
-            hint = ", ".join(f"--{m.replace('_', '-')} / {m}=..." for m in missing)
-            raise ValueError(f"rule {name!r} needs {hint}")
-        rule = method.build_rule()  # the rule's own checks (order >= 0, reg > 0, ...)
-        if method.flow is not None and not rule.needs(1).flow:
-            raise ValueError(f"{name}: flow= needs a rule that works on a gradient flow")
-    elif method.flow is not None:
-        raise ValueError(f"{name}: flow= is only for meta-gradient rules")
-    return method
+        if runner.get("flow") is not None:
+            raise ValueError(f"{name}: flow= is only for meta-gradient rules")
+        return Method(name, **runner)
+    missing = [
+        f.name
+        for f in dataclasses.fields(tmg.rule_class(name))
+        if f.init
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in values
+    ]
+    if missing:
+        hint = ", ".join(f"--{m.replace('_', '-')} / {m}=..." for m in missing)
+        raise ValueError(f"rule {name!r} needs {hint}")
+    try:
+        rule = tmg.make_rule(name, **values)  # the rule's own checks (order >= 0, reg > 0, ...)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"rule {name!r}: {err}") from None
+    if runner.get("flow") is not None and not rule.needs(1).flow:
+        raise ValueError(f"{name}: flow= needs a rule that works on a gradient flow")
+    _, knobs = tmg.parse_rule_spec(tmg.format_rule(rule))  # canonical: the non-default knobs
+    return Method(name, tuple(knobs.items()), **runner)
 
 
 def knob_options() -> dict[str, tuple[Any, list[str]]]:
     """Every knob of every registered rule: ``{knob: (type, [rule names])}``."""
     options: dict[str, tuple[Any, list[str]]] = {}
     for name in tmg.available_rules():
-        for knob, tp in _rule_fields(tmg.rule_class(name)).items():
+        for knob, tp in tmg.rule_knobs(name).items():
             options.setdefault(knob, (tp, []))[1].append(name)
     return options
-
-
-def _rule_fields(cls: type) -> dict[str, Any]:
-    hints = get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def _convert(tp: Any, text: str, what: str) -> Any:
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        if text.lower() == "none":
-            return None
-        (tp,) = (a for a in get_args(tp) if a is not type(None))
-    try:
-        if tp is bool:
-            lowered = text.lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return lowered in ("true", "1", "yes")
-        if tp is int:
-            return int(text)
-        if tp is float:
-            return float(text)
-        return tp(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be {getattr(tp, '__name__', tp)}, got {text!r}") from None
-
-
-def _show(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def task_direction(

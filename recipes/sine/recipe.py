@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 import torch
 
 from recipes.common.config import TrainConfig, config_dict, option, parse_config
-from recipes.common.diagnostics import curvature_regime
 from recipes.common.env import cpu_threads, resolve_device, resolve_dtype
 from recipes.common.methods import parse_method
 from recipes.common.metrics import training_time, write_csv, write_json
@@ -33,6 +32,7 @@ from recipes.common.runner import Callback, train
 from recipes.common.tables import markdown_table
 from recipes.sine.study import StudySettings, format_study, run_study
 from recipes.sine.tasks import SineProblem
+from torchopt_metagrad.diagnostics import curvature_regime
 
 __all__ = ["SineConfig", "main"]
 
@@ -85,6 +85,8 @@ class SineConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_method(self.rule).check(self.steps)  # order > steps: an argparse error
+        if self.power_iters < 1:
+            raise ValueError(f"--power-iters must be >= 1, got {self.power_iters}")
 
 
 def main(

@@ -22,13 +22,14 @@ from typing import Any
 import torch
 
 import torchopt_metagrad as tmg
-from recipes.common.diagnostics import curvature_regime, meta_gradient
 from recipes.common.env import resolve_device, resolve_dtype, seed_everything
+from recipes.common.evaluation import mse_loss_fn
 from recipes.common.metrics import MetricsLog, write_csv, write_json
 from recipes.common.plotting import plot_curves
 from recipes.common.progress import progress_bar
 from recipes.common.tables import markdown_table
-from recipes.sine.tasks import make_mlp, mse_loss_fn, sample_sine, unstack
+from torchopt_metagrad.diagnostics import compare_to_exact, curvature_regime, meta_gradient
+from workloads.sine import make_mlp, sample_tasks, unstack
 
 __all__ = ["StudySettings", "run_study"]
 
@@ -78,7 +79,7 @@ def run_study(s: StudySettings, out_dir: Path) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(s.seed + 1)
     tasks: list[tuple[Any, Any]] = [
         ((xs.to(device, dtype), ys.to(device, dtype)), (xq.to(device, dtype), yq.to(device, dtype)))
-        for (xs, ys), (xq, yq) in unstack(sample_sine(gen, s.tasks, s.shots, s.query_shots))
+        for (xs, ys), (xq, yq) in unstack(sample_tasks(gen, s.tasks, s.shots, s.query_shots))
     ]
     K, lr = s.steps, s.lr
     rules = _rules(K)
@@ -92,9 +93,10 @@ def run_study(s: StudySettings, out_dir: Path) -> dict[str, Any]:
         for t, task in enumerate(tasks):
             exact = meta_gradient(loss_fn, params, task, steps=K, lr=lr, rule=tmg.Exact())
             for name, (_, order, rule) in rules.items():
-                est = meta_gradient(loss_fn, params, task, steps=K, lr=lr, rule=rule)
-                rel = float((est - exact).norm() / exact.norm())
-                cos = float(torch.nn.functional.cosine_similarity(est, exact, dim=0))
+                error = compare_to_exact(
+                    loss_fn, params, task, steps=K, lr=lr, rule=rule, exact=exact
+                )
+                rel, cos = error.rel_error, error.cosine
                 sums[name]["rel_error"] += rel / len(tasks)
                 sums[name]["cosine"] += cos / len(tasks)
                 log.append(
