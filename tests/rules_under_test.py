@@ -141,14 +141,12 @@ ROWS: tuple[RuleUnderTest, ...] = (
     # ---- gradient flow (A-MAML): expm(-T A) g on a quadratic; Heun's O(lr^2) error
     RuleUnderTest(tmg.Adjoint(), "flow", "flow", CLOSURE_FRONT_ENDS, rtol=1e-3,
                   per_step_batches=False),
-    # ---- NEW RULES: add one row here. A fixed-point rule needs nothing else, e.g.
-    # RuleUnderTest(tmg.ImplicitNeumann(10.0, terms=200), "fixed_point", "fixed_point",
-    #               CLOSURE_FRONT_ENDS, rtol=1e-9, per_step_batches=False,
-    #               stores_snapshots=False),
-    # (the oracle depends only on the family and rule.reg. On the fixed-point oracle problem
-    # I + H/reg is positive definite for reg=2 and ||H|| ~ 7 at the minimizer, so a plain
-    # Neumann series in H/reg needs reg > ~7 to converge; a 200-term series at reg=10 meets
-    # rtol=1e-9.)
+    # ---- fixed point by a Neumann series: needs reg > ||H|| (~7 on the oracle problem)
+    RuleUnderTest(tmg.ImplicitNeumann(10.0, terms=200), "fixed_point", "fixed_point",
+                  CLOSURE_FRONT_ENDS, rtol=1e-9, per_step_batches=False,
+                  stores_snapshots=False),
+    # ---- NEW RULES: add one row here (the oracle depends only on the family and knobs
+    # such as rule.reg, never on the class).
 )
 # fmt: on
 

@@ -20,6 +20,7 @@ from torchopt_metagrad.rules.base import (
 from torchopt_metagrad.rules.binomial import Binomial
 from torchopt_metagrad.rules.first_order import FirstOrder
 from torchopt_metagrad.rules.implicit import CGInfo, ImplicitCG
+from torchopt_metagrad.rules.neumann import ImplicitNeumann, NeumannInfo
 from torchopt_metagrad.rules.truncated import Exact, Truncated
 from torchopt_metagrad.rules.unrolled import Unrolled
 
@@ -34,6 +35,8 @@ __all__ = [
     "FlowRule",
     "GraphRule",
     "ImplicitCG",
+    "ImplicitNeumann",
+    "NeumannInfo",
     "StepProductRule",
     "Truncated",
     "Unrolled",
