@@ -117,7 +117,7 @@ def test_benchmark_reads_rule_specs_and_the_older_call_form():
          "ImplicitCG(1.0, maxiter=10)"),
         ("binomial:order=1,vectorize=false", "binomial(1, vectorize=False)",
          "Binomial(1, vectorize=False)"),
-        ("adjoint:backward=odeint", "Adjoint(backward='odeint')", "Adjoint(backward='odeint')"),
+        ("adjoint:solver=heun", "Adjoint(solver='heun')", "Adjoint(solver='heun')"),
     ]  # fmt: skip
     for spec, call, label in same:
         rule = bench.parse_rule(spec)

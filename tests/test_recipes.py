@@ -171,7 +171,7 @@ def test_rule_and_knobs_from_the_command_line():
     assert rule_of("--rule", "implicit_cg", "--reg", "1.0", "--maxiter", "10") == (
         "implicit_cg:reg=1,maxiter=10"
     )
-    assert rule_of("--rule", "adjoint", "--backward", "odeint") == "adjoint:backward=odeint"
+    assert rule_of("--rule", "adjoint", "--solver", "heun") == "adjoint:solver=heun"
     assert rule_of("--rule", "binomial:order=3") == "binomial:order=3"
     assert rule_of("--rule", "reptile") == "reptile"
     for name in tmg.available_rules():  # every registered rule is reachable, knobs typed
@@ -214,7 +214,7 @@ def test_reptile_direction_is_theta_minus_adapted():
 
 
 def test_methods_use_the_library_rule_grammar():
-    for text in ("binomial:order=2", "implicit_cg:reg=1,maxiter=5", "adjoint:backward=odeint"):
+    for text in ("binomial:order=2", "implicit_cg:reg=1,maxiter=5", "adjoint:solver=heun"):
         method = parse_method(f"{text},steps=3,label=x")
         assert method.build_rule() == tmg.parse_rule(text)
         assert (method.steps, method.label) == (3, "x")

@@ -67,10 +67,12 @@ EXAMPLES = [
     ("implicit_cg:reg=1,maxiter=5", tmg.ImplicitCG(1.0, maxiter=5)),
     ("implicit_cg:reg=0.5,tol=1e-10", tmg.ImplicitCG(0.5, tol=1e-10)),
     ("adjoint", tmg.Adjoint()),
-    ("adjoint:backward=odeint,method=rk4,step_size=0.01",
-     tmg.Adjoint(backward="odeint", method="rk4", step_size=0.01)),
-    ("adjoint:backward=reintegrate,rtol=1e-5,atol=1e-7",
-     tmg.Adjoint(backward="reintegrate", rtol=1e-5, atol=1e-7)),
+    ("adjoint:solver=heun", tmg.Adjoint(solver="heun")),
+    ("adjoint:solver=ode(method=rk4,step_size=0.01)",
+     tmg.Adjoint(solver=tmg.ODE("rk4", step_size=0.01))),
+    ("adjoint:solver=ode(rtol=1e-5,atol=1e-7),reintegrate=true",
+     tmg.Adjoint(solver=tmg.ODE(rtol=1e-5, atol=1e-7), reintegrate=True)),
+    ("implicit_neumann:reg=10,terms=50", tmg.ImplicitNeumann(10.0, terms=50)),
 ]  # fmt: skip
 
 
@@ -138,8 +140,8 @@ def test_format_rule_writes_changed_knobs_in_field_order():
     )
     assert tmg.format_rule(tmg.ImplicitCG(1.0)) == "implicit_cg:reg=1"  # required: always
     assert tmg.format_rule(tmg.ImplicitCG(2.0, maxiter=20)) == "implicit_cg:reg=2"
-    assert tmg.format_rule(tmg.Adjoint(step_size=0.01, method="rk4")) == (
-        "adjoint:method=rk4,step_size=0.01"
+    assert tmg.format_rule(tmg.Adjoint(solver=tmg.ODE("rk4", step_size=0.01))) == (
+        "adjoint:solver=ode(method=rk4,step_size=0.01)"
     )
 
 
@@ -166,7 +168,7 @@ def test_parse_rule_spec_converts_without_building():
     assert list(knobs) == ["vectorize", "order"]  # the order given
     for text, value in [("true", True), ("1", True), ("yes", True), ("False", False), ("0", False)]:
         assert tmg.parse_rule_spec(f"binomial:vectorize={text}")[1]["vectorize"] is value
-    assert tmg.parse_rule_spec("adjoint:step_size=None")[1] == {"step_size": None}
+    assert tmg.parse_rule_spec("adjoint:solver=None")[1] == {"solver": None}
     assert isinstance(tmg.parse_rule_spec("implicit_cg:reg=2")[1]["reg"], float)
 
 
@@ -205,7 +207,7 @@ ERRORS = [
     ("implicit_cg:maxiter=3", r"rule 'implicit_cg' needs knob 'reg'"),
     ("binomial:order=-1", r"rule 'binomial': order must be >= 0, got -1"),
     ("implicit_cg:reg=0", r"rule 'implicit_cg': reg must be"),
-    ("adjoint:method=nope", r"rule 'adjoint': .*nope"),
+    ("adjoint:solver=ode(method=nope)", r"rule 'adjoint'.*nope"),
     ("binomial:order=(1", r"rule 'binomial': unbalanced '\('"),
     ("binomial:order=1)", r"rule 'binomial': unbalanced '\)'"),
 ]

@@ -220,7 +220,11 @@ def task_direction(
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     info = reports[-1].info if reports else None  # e.g. ImplicitCG's CGInfo
     if info is not None:
-        extras = {f"rule/{k}": float(v) for k, v in dataclasses.asdict(info).items()}
+        extras = {
+            f"rule/{k}": float(v)
+            for k, v in dataclasses.asdict(info).items()
+            if isinstance(v, (int, float))  # numbers only (AdjointInfo.scheme is a name)
+        }
     if info is not None or solver:
         extras["rule/solver_warnings"] = float(len(solver))
     return TaskStats(float(query_loss.detach()), extras)

@@ -1,9 +1,7 @@
 """ODE options (:class:`ODE`, the one value describing a solve) and checked torchdiffeq calls.
 
-A solve never integrates with a step nobody chose (a fixed-step method takes its
-``step_size`` or the stored grid's spacing, else it raises), never runs without a
-bound on its work (``max_steps``), and every failure says which solve, which method
-and at what time.
+A solve never steps with a step nobody chose, never runs without a bound on its work,
+and every failure names the solve, the method and the time.
 """
 
 from __future__ import annotations
@@ -35,34 +33,22 @@ __all__ = [
 
 # Vector-field evaluations per step of torchdiffeq's fixed-grid methods (the Adams
 # methods start with rk4 steps; the implicit corrector iterates up to 4 times).
-_FIXED_EVALS = {
-    "euler": 1,
-    "midpoint": 2,
-    "heun2": 2,
-    "heun3": 3,
-    "rk4": 4,
-    "explicit_adams": 4,
-    "implicit_adams": 5,
-    "fixed_adams": 5,
-}
+_FIXED_EVALS = dict(euler=1, midpoint=2, heun2=2, heun3=3, rk4=4, explicit_adams=4)
+_FIXED_EVALS.update(implicit_adams=5, fixed_adams=5)
 # torchdiffeq keeps its registry private (torchdiffeq._impl.odeint.SOLVERS); read it when
 # present so new solvers are accepted, and fall back to the 0.2.x names otherwise.
 try:
     from torchdiffeq._impl.odeint import SOLVERS as _SOLVERS
 except ImportError:  # pragma: no cover - depends on torchdiffeq internals
     _SOLVERS = {}
-_ALL: tuple[str, ...] = tuple(_SOLVERS) or (
-    *("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun"),
-    *_FIXED_EVALS,
-    "scipy_solver",
-)
+_ADAPTIVE = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
+_ALL: tuple[str, ...] = tuple(_SOLVERS) or (*_ADAPTIVE, *_FIXED_EVALS, "scipy_solver")
 FIXED_METHODS = frozenset(m for m in _ALL if m in _FIXED_EVALS)
 ADAPTIVE_METHODS = frozenset(m for m in _ALL if m not in FIXED_METHODS)
 # fixed-step methods that do use rtol/atol (to stop their implicit corrector)
 _TOLERANCE_FIXED = frozenset({"implicit_adams", "fixed_adams"})
 _STARTUP_EVALS = 2  # an adaptive solve evaluates f(t0) and probes its first step
-DEFAULT_RTOL = 1e-7
-DEFAULT_ATOL = 1e-9
+DEFAULT_RTOL, DEFAULT_ATOL = 1e-7, 1e-9
 
 
 class ODEKnobWarning(UserWarning):
@@ -92,23 +78,21 @@ class ODE:
     """How to solve an ODE with torchdiffeq: method, tolerances or step, and a step budget.
 
     Args:
-        method: a torchdiffeq method: adaptive (``dopri5``, ``dopri8``, ``bosh3``,
-            ``fehlberg2``, ``adaptive_heun``, ``scipy_solver``) or fixed-step
-            (``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``, ``explicit_adams``,
-            ``implicit_adams``). Non-smooth vector fields (ReLU nets) suit a fixed-step
-            method: adaptive ones shrink their steps at every kink.
+        method: a torchdiffeq method, adaptive (``dopri5``, ``bosh3``, ...) or fixed-step
+            (``euler``, ``rk4``, ...). Non-smooth vector fields (ReLU nets) suit a
+            fixed-step method: adaptive ones shrink their steps at every kink.
         rtol: relative tolerance (``None``: 1e-7). A fixed-step method ignores it
             (except the implicit Adams corrector) and warns.
         atol: absolute tolerance (``None``: 1e-9); same rule as ``rtol``.
         step_size: step of a fixed-step method (``None``: the spacing of the stored
             grid, when the solve has one). An adaptive method ignores it and warns.
-        max_steps: the most steps one solve may take. Counted as vector-field
-            evaluations: the budget is ``max_steps`` times the method's evaluations
-            per step (its stages; 6 for dopri5, 4 for rk4), plus 2 for an adaptive
-            start; rejected steps count. Past it the solve raises ``ODESolveError``.
+        max_steps: the most steps one solve may take, counted as vector-field
+            evaluations: ``max_steps`` times the method's evaluations per step (6 for
+            dopri5, 4 for rk4), plus 2 for an adaptive start; rejected steps count.
+            Past it the solve raises ``ODESolveError``.
 
     Raises:
-        TypeError / ValueError: a knob of the wrong type or value (the message names it).
+        TypeError, ValueError: a knob of the wrong type or value (the message names it).
     """
 
     method: str = "dopri5"
@@ -163,8 +147,14 @@ class ODE:
     @property
     def budget(self) -> int:
         """The most vector-field evaluations one solve may make."""
+        return self.budget_for(1)
+
+    def budget_for(self, calls: int, *, steps_per_call: int = 0) -> int:
+        """The budget of a solve made of ``calls`` torchdiffeq calls: ``max_steps`` steps
+        plus, per call, its start and ``steps_per_call`` more steps."""
         start = 0 if self.is_fixed else _STARTUP_EVALS
-        return self.max_steps * self.evaluations_per_step + start
+        steps = self.max_steps + calls * steps_per_call
+        return steps * self.evaluations_per_step + calls * start
 
     def describe(self, step: float | None = None) -> str:
         """``"dopri5, rtol=1e-07, atol=1e-09"`` or ``"rk4, step_size=0.01"``."""
@@ -175,17 +165,12 @@ class ODE:
 
 
 class Clock:
-    """Where a solve is: the time of its last vector-field evaluation, how many it has
-    made, and the most it may make (``None``: the budget of the first solve using it).
-
-    One clock may be shared by several :func:`solve` calls (the intervals of a
-    checkpointed adjoint) and keeps counting through ``odeint_adjoint``'s backward.
-    """
+    """A solve's last evaluation time, its evaluation count and the most it may make
+    (``None``: its first solve's budget); shared by several :func:`solve` calls, it
+    keeps counting through ``odeint_adjoint``'s backward."""
 
     def __init__(self, t0: float, limit: int | None = None) -> None:
-        self.t = t0
-        self.evaluations = 0
-        self.limit = limit
+        self.t, self.evaluations, self.limit = t0, 0, limit
 
 
 @contextlib.contextmanager
@@ -214,16 +199,9 @@ def solve(
 ) -> Tensor:
     """``torchdiffeq.odeint`` (or ``odeint_adjoint``) of ``dy/dt = func(t, y)`` at times ``t``.
 
-    Args:
-        what: names the solve in errors (``"forward gradient-flow solve"``).
-        func: the vector field.
-        y0: the state at ``t[0]``.
-        t: increasing or decreasing times; the result has one row per time.
-        ode: method, tolerances or step, budget.
-        grid_step: spacing of the stored grid, the step of a fixed-step method whose
-            ``step_size`` is ``None``.
-        adjoint: use ``odeint_adjoint`` (gradients by re-integration backward).
-        clock: shared progress and budget (a fresh one by default).
+    ``what`` names the solve in errors. A fixed-step method whose ``step_size`` is
+    ``None`` steps by ``grid_step`` (the stored grid's spacing). ``clock`` (progress and
+    budget, shared e.g. by the intervals of a checkpointed adjoint) is fresh by default.
 
     Raises:
         ValueError: a fixed-step method with neither ``step_size`` nor ``grid_step``.
@@ -258,23 +236,12 @@ def solve(
             )
         return func(time, y)
 
+    kwargs: dict[str, Any] = dict(method=ode.method, rtol=rtol, atol=atol, options=options)
     with named_failure(what, ode, clock, step):
         if adjoint:
-            return torchdiffeq.odeint_adjoint(
-                tracked,
-                y0,
-                t,
-                method=ode.method,
-                rtol=rtol,
-                atol=atol,
-                options=options,
-                adjoint_rtol=rtol,
-                adjoint_atol=atol,
-                adjoint_params=(),
-            )
-        return torchdiffeq.odeint(
-            tracked, y0, t, method=ode.method, rtol=rtol, atol=atol, options=options
-        )
+            kwargs.update(adjoint_rtol=rtol, adjoint_atol=atol, adjoint_params=())
+            return torchdiffeq.odeint_adjoint(tracked, y0, t, **kwargs)
+        return torchdiffeq.odeint(tracked, y0, t, **kwargs)
 
 
 def linspace(T: float, n: int, like: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ entry of a rule module is its import below and its names in ``__all__``; ``tmg``
 re-exports everything listed here.
 """
 
-from torchopt_metagrad.rules.adjoint import Adjoint
+from torchopt_metagrad.rules.adjoint import Adjoint, AdjointInfo
 from torchopt_metagrad.rules.base import (
     AbstractRule,
     FixedPointRule,
@@ -27,6 +27,7 @@ from torchopt_metagrad.rules.unrolled import Unrolled
 __all__ = [
     "AbstractRule",
     "Adjoint",
+    "AdjointInfo",
     "Binomial",
     "CGInfo",
     "Exact",
