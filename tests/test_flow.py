@@ -72,3 +72,15 @@ def test_fixed_step_flow_on_a_relu_net_is_close_to_exact():
     b = torch.cat([g.reshape(-1) for g in exact_grad])
     # forward euler on the grid is gradient descent; the adjoint differs by O(h)
     assert rel(a, b) < 0.1
+
+
+def test_heun_on_a_stiff_flow_refines_instead_of_returning_garbage():
+    """||H|| = 250, h = 0.01: h ||H|| = 2.5 > 2 gave relative error 1e21 before."""
+    q = Quadratic.make(5, 1.0, 250.0, seed=4)
+    params = q.params()
+    rule = tmg.Adjoint(solver="heun")
+    with tmg.diagnostics.collect() as reports:
+        adapted = tmg.flow(q.inner, params, T=1.0, rule=rule, save_every=0.01)
+        got = quad_meta_grad(q, params, adapted)
+    assert rel(got, q.flow_meta_grad(1.0)) < 1e-3
+    assert reports[0].info.substeps > 100  # some intervals were split
