@@ -63,6 +63,12 @@ class InnerLoop:
         self.first_needed = first_needed
         self.what = what
         self._store_from = 0 if horizon is None else min(first_needed(horizon), horizon)
+        # With a known horizon the snapshots are rows of one block, so a batched stage
+        # takes a view of consecutive rows instead of stacking copies.
+        self._block: Tensor | None = None
+        if horizon is not None and not unrolled and horizon > self._store_from:
+            rows = horizon - self._store_from
+            self._block = theta.new_empty((rows, step_map.dim))
         with torch.set_grad_enabled(unrolled and torch.is_grad_enabled()):
             self.z, self.aux = step_map.init_state(theta if unrolled else theta.detach())
         if unrolled and self.z.requires_grad:
@@ -91,9 +97,17 @@ class InnerLoop:
             value = check_loss(value, k, what or self.what)
             (grad,) = torch.autograd.grad(value, leaf, create_graph=self.unrolled)
         check_inner_finite(value.detach(), grad.detach(), k)
-        entry = Snapshot(self.z, self.aux, loss) if store else None
+        entry = Snapshot(self._keep(k), self.aux, loss) if store else None
         self.last_loss = None if self.unrolled else loss
         self._advance(grad, entry)
+
+    def _keep(self, k: int) -> Tensor:
+        """The state ``z_k`` to store (a row of the block when there is one)."""
+        if self._block is None:
+            return self.z
+        row = self._block[k - self._store_from]
+        row.copy_(self.z)
+        return row
 
     def step_on(
         self, value: Tensor, params: Sequence[Tensor], *, keep_graph: bool, what: str | None = None

@@ -242,7 +242,7 @@ class Record:
             return engine.vjp_increment_many(
                 losses[0].fn,
                 step_map.delta,
-                torch.stack([e.z for e in snaps]),
+                _rows([e.z for e in snaps]),
                 tuple(torch.stack(col) for col in zip(*(e.aux for e in snaps), strict=True)),
                 stacked[0],
                 stacked[1],
@@ -276,6 +276,20 @@ class Record:
             leaf = params if create_graph else params.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(loss(leaf), leaf, create_graph=create_graph)
         return -grad
+
+
+def _rows(states: list[Tensor]) -> Tensor:
+    """``torch.stack(states)``, as a view when they are consecutive rows of one block."""
+    base = states[0]._base
+    if base is not None and base.dim() == 2 and all(z._base is base for z in states):
+        stride, first = base.stride(0), states[0].storage_offset() - base.storage_offset()
+        consecutive = all(
+            z.storage_offset() - states[0].storage_offset() == i * stride
+            for i, z in enumerate(states)
+        )
+        if consecutive and first % stride == 0:
+            return base[first // stride : first // stride + len(states)]
+    return torch.stack(states)
 
 
 def _pull(out: list[Tensor] | tuple[Tensor, ...], inputs: tuple[Tensor, ...], v: Any) -> Tensor:
