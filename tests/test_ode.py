@@ -226,6 +226,18 @@ def test_fixed_step_solve_without_a_step_raises_and_uses_the_grid_step():
     )
 
 
+def test_fixed_step_outputs_are_step_boundaries_not_interpolated():
+    """rk4 with step 0.03 and outputs every 0.1: torchdiffeq's own grid interpolates the
+    outputs linearly (error 6e-4); solve() fits equal steps <= 0.03 into each interval."""
+    q = Quadratic(d=5, lo=0.5, hi=3.0)
+    t = linspace(1.0, 10, q.u0)
+    exact = torch.stack([1.0 + expm(q.A, float(ti)) @ (q.u0 - 1.0) for ti in t])
+    clock = Clock(0.0)
+    ys = solve("test solve", _decay(q.A), q.u0, t, ODE("rk4", step_size=0.03), clock=clock)
+    assert float((ys - exact).norm(dim=1).max() / exact.norm(dim=1).min()) < 1e-7
+    assert clock.evaluations == 10 * 4 * 4  # 4 steps of 0.025 per interval, 4 evaluations each
+
+
 def test_solve_step_budget_raises_naming_the_solve_and_what_suits_non_smooth_nets():
     q = Quadratic(d=4, lo=0.5, hi=50.0)
     t = torch.tensor([0.0, 2.0], dtype=F64)
@@ -285,6 +297,21 @@ def test_fixed_step_ode_without_step_size_uses_the_grid_and_refines_when_stiff()
     # a given step_size is never changed: an unstable one raises
     with pytest.raises(tmg.ODESolveError, match=r"rk4, step_size=0.01\) is unstable"):
         Adjoint(solver=ODE("rk4", step_size=0.01)).meta_gradient(rec, stiff.g)
+
+
+def test_checkpointed_scheme_refuses_states_that_are_not_flow_samples():
+    """GD with lr ||A|| = 1.9 oscillates; the flow run backward from an iterate misses the
+    previous one by ~e^1.9 times the oscillation: an ODE solver raises, heun works."""
+    q = Quadratic(d=5, lo=0.5, hi=190.0)
+    lr, states = 0.01, [q.u0]
+    for _ in range(50):
+        states.append(states[-1] - lr * q.A @ (states[-1] - q.a))
+    A, a = q.A, q.a
+    rec = FakeRecord(torch.stack(states), lr, lambda u, v: A @ v, lambda u: A @ (u - a))
+    with pytest.raises(tmg.ODESolveError, match=r"not samples of the gradient flow.*'heun'"):
+        Adjoint(solver="rk4").meta_gradient(rec, q.g)
+    got = Adjoint().meta_gradient(rec, q.g).value  # heun over the stored states (H is constant)
+    assert rel(got, q.adjoint(0.5)) < 1e-5
 
 
 def test_backward_step_budget_raises():

@@ -1,7 +1,5 @@
-"""ODE options (:class:`ODE`, the one value describing a solve) and checked torchdiffeq calls.
-
-A solve never steps with a step nobody chose, never runs without a bound on its work,
-and every failure names the solve, the method and the time.
+"""ODE options (:class:`ODE`, the one value describing a solve) and checked torchdiffeq calls:
+never a step nobody chose, never unbounded work, failures name the solve, method and time.
 """
 
 from __future__ import annotations
@@ -18,18 +16,10 @@ import torch
 import torchdiffeq
 from torch import Tensor
 
+from torchopt_metagrad._core.checks import check_positive
 from torchopt_metagrad.errors import ODESolveError
 
-__all__ = [
-    "ADAPTIVE_METHODS",
-    "FIXED_METHODS",
-    "ODE",
-    "Clock",
-    "ODEKnobWarning",
-    "linspace",
-    "named_failure",
-    "solve",
-]
+__all__ = ["ADAPTIVE_METHODS", "FIXED_METHODS", "ODE", "Clock", "ODEKnobWarning", "solve"]
 
 # Vector-field evaluations per step of torchdiffeq's fixed-grid methods (the Adams
 # methods start with rk4 steps; the implicit corrector iterates up to 4 times).
@@ -55,24 +45,6 @@ class ODEKnobWarning(UserWarning):
     """A knob of :class:`ODE` that the chosen method ignores (e.g. ``rtol`` with ``rk4``)."""
 
 
-def check_positive(value: Any, name: str) -> float:
-    """Raise unless ``value`` is a finite real number > 0; return it as ``float``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float > 0, got {value!r}")
-    if not (float(value) > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite float > 0, got {value}")
-    return float(value)
-
-
-def check_int(value: Any, name: str, *, minimum: int) -> int:
-    """Raise unless ``value`` is an int (not a bool) ``>= minimum``; return it as ``int``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class ODE:
     """How to solve an ODE with torchdiffeq: method, tolerances or step, and a step budget.
@@ -84,8 +56,9 @@ class ODE:
         rtol: relative tolerance (``None``: 1e-7). A fixed-step method ignores it
             (except the implicit Adams corrector) and warns.
         atol: absolute tolerance (``None``: 1e-9); same rule as ``rtol``.
-        step_size: step of a fixed-step method (``None``: the spacing of the stored
-            grid, when the solve has one). An adaptive method ignores it and warns.
+        step_size: largest step of a fixed-step method (``None``: the stored grid's
+            spacing); each output interval takes equal steps, so outputs are never
+            interpolated. An adaptive method ignores it and warns.
         max_steps: the most steps one solve may take, counted as vector-field
             evaluations: ``max_steps`` times the method's evaluations per step (6 for
             dopri5, 4 for rk4), plus 2 for an adaptive start; rejected steps count.
@@ -111,7 +84,10 @@ class ODE:
         for name in ("rtol", "atol", "step_size"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, check_positive(getattr(self, name), name))
-        object.__setattr__(self, "max_steps", check_int(self.max_steps, "max_steps", minimum=1))
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, numbers.Integral):
+            raise TypeError(f"max_steps must be an int >= 1, got {self.max_steps!r}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.is_fixed and self.method not in _TOLERANCE_FIXED:
             ignored = [n for n in ("rtol", "atol") if getattr(self, n) is not None]
             kind = "a fixed-step method; use step_size"
@@ -150,8 +126,8 @@ class ODE:
         return self.budget_for(1)
 
     def budget_for(self, calls: int, *, steps_per_call: int = 0) -> int:
-        """The budget of a solve made of ``calls`` torchdiffeq calls: ``max_steps`` steps
-        plus, per call, its start and ``steps_per_call`` more steps."""
+        """Budget of ``calls`` torchdiffeq calls: ``max_steps``, plus per call a start and
+        ``steps_per_call`` steps."""
         start = 0 if self.is_fixed else _STARTUP_EVALS
         steps = self.max_steps + calls * steps_per_call
         return steps * self.evaluations_per_step + calls * start
@@ -218,7 +194,7 @@ def solve(
                 f"the {what}: {ode.method!r} is a fixed-step method and needs a step size: pass "
                 f"ODE({ode.method!r}, step_size=...) (this solve has no stored grid to use)"
             )
-        options["step_size"] = check_positive(step, "step_size")
+        options["grid_constructor"] = _fitted_grid(check_positive(step, "step_size"))
     clock = Clock(float(t[0])) if clock is None else clock
     if clock.limit is None:
         clock.limit = ode.budget
@@ -242,6 +218,22 @@ def solve(
             kwargs.update(adjoint_rtol=rtol, adjoint_atol=atol, adjoint_params=())
             return torchdiffeq.odeint_adjoint(tracked, y0, t, **kwargs)
         return torchdiffeq.odeint(tracked, y0, t, **kwargs)
+
+
+def _fitted_grid(step: float) -> Callable[[Any, Tensor, Tensor], Tensor]:
+    """Equal steps of at most ``step`` (+0.01%) landing on every output time (torchdiffeq's
+    own grid interpolates outputs linearly, and may add a near-empty step)."""
+
+    def construct(func: Any, y0: Tensor, t: Tensor) -> Tensor:
+        pieces = [t[:1]]
+        for a, b in zip(t[:-1].tolist(), t[1:], strict=True):
+            m = max(1, math.ceil(abs(float(b) - a) / step - 1e-4))
+            piece = torch.linspace(a, float(b), m + 1, dtype=t.dtype, device=t.device)[1:]
+            piece[-1] = b
+            pieces.append(piece)
+        return torch.cat(pieces)
+
+    return construct
 
 
 def linspace(T: float, n: int, like: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ MAX_SUBSTEPS = 256
 _POWER_ITERS = 8  # power-iteration HVPs at most, at each end of the trajectory
 _POWER_RTOL = 0.02  # stop when the estimate changes by less than this
 _STRIDE = 8  # between the ends, one stiffness HVP every _STRIDE stored states
+_MISS = 2.0  # step lengths by which the backward-run flow may miss a stored state
 #: Stability interval ``step * ||H|| <= bound`` of torchdiffeq's fixed-step methods on
 #: ``y' = -mu y`` (approximate for the Adams methods); on the stored grid the backward
 #: keeps ``step * ||H|| <= bound / 2``, and a given ``step_size`` past ``bound`` raises.
@@ -98,7 +99,9 @@ class Adjoint(FlowRule):
       accurate to the solver's tolerance, no interpolation error. A fixed-step method
       without ``step_size`` steps on the stored grid, with substeps where the stiffness
       estimate puts :math:`h\rho` past half its stability interval; a ``step_size``
-      past the stability interval raises;
+      past the stability interval raises. States that are not flow samples (gradient
+      descent near :math:`\mathrm{lr}\|H\| = 2`, where running the flow backward
+      amplifies the iterates' oscillation) raise ``ODESolveError``: use ``"heun"``;
     * ``None`` (default): the ``ODE`` that solved the forward flow (``tmg.flow``), so
       the backward is as accurate as the forward; ``"heun"`` for gradient-descent
       iterates.
@@ -336,13 +339,30 @@ def _checkpointed(
     for k in reversed(range(N)):
         y1 = torch.cat([record.snapshot(k + 1)[:d], lam])
         times = torch.tensor([(k + 1) * h, k * h], dtype=g.dtype, device=g.device)
-        lam = solve(
-            "backward adjoint solve", field, y1, times, ode, grid_step=grids[k], clock=clock
-        )
-        lam = lam[-1, d:]
+        y0 = solve("backward adjoint solve", field, y1, times, ode, grid_step=grids[k], clock=clock)
+        lam = y0[-1, d:]
         ensure_finite(lam, partial(_where, k, h))
+        _check_flow_sample(y0[-1, :d], record, k, h, ode)
     substeps = sum(round(h / s) for s in grids) if ode.is_fixed and ode.step_size is None else 0
     return lam, AdjointInfo(f"ode:{ode.method}", clock.evaluations + hvp.count, substeps)
+
+
+def _check_flow_sample(u: Tensor, record: RecordProtocol, k: int, h: float, ode: ODE) -> None:
+    """Raise if ``u``, the flow run backward from state ``k + 1``, misses state ``k`` by more
+    than ``_MISS`` step lengths (and far more than the tolerance allows): the states are not
+    samples of the flow, e.g. gradient descent near ``lr ||H|| = 2``, where running the flow
+    backward amplifies the iterates' oscillation by ``exp(h ||H||)`` per interval."""
+    d, (rtol, atol) = record.param_dim, ode.tolerances
+    uk, step = record.snapshot(k)[:d], record.snapshot(k + 1)[:d] - record.snapshot(k)[:d]
+    miss, noise = (u - uk).norm(), 1e3 * (rtol * uk.norm() + atol * math.sqrt(d))
+    if bool((miss > _MISS * step.norm()) & (miss > noise)):
+        raise ODESolveError(
+            f"the backward adjoint solve ({ode.describe()}) at t={k * h:.6g}: the flow run "
+            f"backward from stored state {k + 1} misses state {k} by {float(miss):.3g} "
+            f"({float(miss / step.norm()):.3g} step lengths): the stored states are not "
+            f"samples of the gradient flow (gradient descent near lr * ||H|| = 2?); use "
+            f"solver='heun' over the stored states, or a smaller lr"
+        )
 
 
 def _reintegrate(
