@@ -20,16 +20,17 @@ The two ways to step, per step (d = number of adapted parameters):
 * ``step(loss)``: the drop-in. Keeps the step's gradient graph (``create_graph=True``,
   as torchopt does) and the gradient, one d-vector more than torchopt (4-conv 5-way
   net, float32: 7.0 MB per step against torchopt's 6.6 MB). Every rule except those
-  that need products at the final parameters (``ImplicitCG``, ``Adjoint``: they ask
-  for ``step(closure)``); ``FirstOrder`` keeps no graph at all.
+  that need curvature where no step took a gradient (fixed-point and flow rules: they
+  ask for ``step(closure)``); a rule keeps only the graphs it uses (``FirstOrder`` none,
+  ``Truncated(L)`` the last ``L``: the parameters of earlier steps can then no longer
+  take an outer loss, which raises saying so).
 * ``step(closure)``: the lean mode, ``closure() -> loss`` recomputing the training loss
   with the module. Keeps one flat snapshot per step (0.44 MB on that net, 0.07x
   torchopt's growth); the Hessian-vector products are recomputed at backward time by
   re-running the closure with the module's parameters temporarily replaced, the RNG
   state and train/eval flags of that step restored (dropout replays the same mask),
-  and the buffers swapped for copies (running statistics are not updated twice).
-  Assumes the buffers the loss *reads* do not change during the inner loop (true for
-  batch norm: batch statistics in train mode, fixed ones in eval mode). Every rule.
+  and in-place writes to buffers redirected to copies (running statistics are not
+  updated twice; see :mod:`torchopt_metagrad._core.replay`). Every rule.
 
 The ``higher``-style context built on these lives in
 :mod:`torchopt_metagrad.module.higher_compat`.
@@ -38,7 +39,7 @@ Both modes compute the products one at a time (neither closures nor kept graphs 
 stacked for ``vmap``), so ``Binomial``'s batching does not apply here. The meta-gradient
 is once-differentiable (``Unrolled`` for higher-order derivatives). Rules that skip
 early steps (``Truncated``, ``FirstOrder``) release their records as the loop goes,
-assuming ``first_step_needed`` does not decrease with the number of steps.
+assuming the first step a rule needs does not decrease with the number of steps.
 
 In closure mode the recorded closures usually reference the module, and the module its
 current parameters, whose autograd node references the closures: that loop lasts until
