@@ -16,7 +16,9 @@ ROW = re.compile(r"\| (\d+) \| ([^|]+?) \| ([\d.]+) \| ([\d.]*) \| ([\d.]+) \| (
 def rows(path: str) -> dict[tuple[str, int, str], tuple[float, float]]:
     """``(model, K, rule) -> (time ratio to torchopt, peak live MiB)``."""
     out, model = {}, ""
-    for line in open(path, encoding="utf-8"):
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    for line in lines:
         if line.startswith("## "):
             model = line[3:].split(":")[0].strip()
         match = ROW.match(line)
