@@ -13,10 +13,10 @@ from torchopt_metagrad._core.link import Link
 from torchopt_metagrad._core.loop import InnerLoop
 from torchopt_metagrad._core.needs import Offers, check_fit
 from torchopt_metagrad._core.replay import StepLoss
-from torchopt_metagrad._core.steps import step_map_factory
+from torchopt_metagrad._core.steps import AbstractStepMap, step_map_factory
 from torchopt_metagrad.rules.base import AbstractRule, check_rule
 
-__all__ = ["adapt", "flat_loss"]
+__all__ = ["adapt", "flat_loss", "run_loop"]
 
 
 def adapt(
@@ -83,27 +83,46 @@ def adapt(
         flow_samples=step_map.time_step is not None,
     )
     check_fit(rule, needs, offers)
-    fn = flat_loss(loss_fn, spec)
-    losses = [
-        StepLoss(fn, batch if batches is None else batches[k], batchable=True) for k in range(steps)
-    ]
     leaves = list(params.values())
-    theta = spec.flatten(leaves)
-    loop = InnerLoop(
+    loop = run_loop(
+        loss_fn,
         spec,
+        spec.flatten(leaves),
         step_map,
-        theta,
+        [batch] * steps if batches is None else list(batches),
         first_needed=lambda n: rule.needs(n).snapshots_from,
-        horizon=steps,
         unrolled=needs.graph,
     )
-    for loss in losses:
-        loop.step(loss)
     if needs.graph:
         adapted = spec.split(loop.params)
     else:
         adapted = list(Link.apply(loop.record(), rule, "tmg.adapt", *leaves))
     return dict(zip(spec.names, adapted, strict=True))
+
+
+def run_loop(
+    loss_fn: Callable[[dict[str, Tensor], Any], Tensor],
+    spec: FlatSpec,
+    theta: Tensor,
+    step_map: AbstractStepMap,
+    batches: list[Any],
+    *,
+    first_needed: Callable[[int], int],
+    unrolled: bool = False,
+) -> InnerLoop:
+    """The core's inner loop over ``loss_fn``, one step per batch (a known horizon)."""
+    fn = flat_loss(loss_fn, spec)
+    loop = InnerLoop(
+        spec,
+        step_map,
+        theta,
+        first_needed=first_needed,
+        horizon=len(batches),
+        unrolled=unrolled,
+    )
+    for batch in batches:
+        loop.step(StepLoss(fn, batch, batchable=True))
+    return loop
 
 
 def flat_loss(

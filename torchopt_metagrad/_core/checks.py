@@ -24,6 +24,7 @@ __all__ = [
     "check_int",
     "check_loss",
     "check_lr",
+    "check_lr_or_schedule",
     "check_params",
     "check_positive",
     "ensure_finite",
@@ -57,6 +58,11 @@ def check_callable(value: Any, name: str) -> None:
 def check_lr(lr: Any, name: str = "lr") -> float:
     """A plain learning rate: a finite float > 0."""
     return check_positive(lr, name)
+
+
+def check_lr_or_schedule(lr: Any, name: str = "lr") -> Any:
+    """A learning rate > 0, or a callable schedule (returned unchanged)."""
+    return lr if callable(lr) else check_lr(lr, name)
 
 
 def check_params(params: Any, name: str = "params") -> FlatSpec:

@@ -31,7 +31,7 @@ import torch
 import torchopt
 from torch import Tensor
 
-from torchopt_metagrad._core.checks import check_lr
+from torchopt_metagrad._core.checks import check_lr, check_lr_or_schedule
 from torchopt_metagrad._core.flat import FlatSpec
 
 __all__ = [
@@ -284,10 +284,7 @@ def sgd_factory(
     maximize: bool,
 ) -> tuple[StepMapFactory, Any]:
     """``torchopt.MetaSGD``'s arguments as a step map: plain descent when it is one."""
-    if callable(lr):
-        rate: Any = lr
-    else:
-        rate = check_lr(lr)
+    rate = check_lr_or_schedule(lr)
     plain = not callable(lr) and momentum == 0 and weight_decay == 0 and not maximize
     if plain and not nesterov:
         return _plain(rate), torchopt.sgd(rate)

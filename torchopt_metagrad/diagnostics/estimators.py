@@ -19,10 +19,8 @@ import torch
 from torch import Tensor
 
 from torchopt_metagrad._core.checks import check_params
-from torchopt_metagrad._core.loop import InnerLoop
-from torchopt_metagrad._core.replay import StepLoss
 from torchopt_metagrad._core.steps import step_map_factory
-from torchopt_metagrad.functional import adapt, flat_loss
+from torchopt_metagrad.functional import adapt, run_loop
 from torchopt_metagrad.rules import AbstractRule, Exact
 
 __all__ = [
@@ -50,10 +48,8 @@ def _record_iterates(
     spec = check_params(params)
     factory, _, _ = step_map_factory(lr)
     theta = spec.flatten([p.detach() for p in params.values()])
-    loop = InnerLoop(spec, factory(spec, None), theta, first_needed=lambda n: 0, horizon=steps)
-    fn = flat_loss(loss_fn, spec)
-    for _ in range(steps):
-        loop.step(StepLoss(fn, batch, batchable=True))
+    step_map = factory(spec, None)
+    loop = run_loop(loss_fn, spec, theta, step_map, [batch] * steps, first_needed=lambda n: 0)
     record = loop.record()
     return [
         {k: v.detach() for k, v in spec.unflatten(record.snapshot(k)).items()}

@@ -57,7 +57,7 @@ import torchopt
 from torch import Tensor, nn
 from torchopt.base import UninitializedState
 
-from torchopt_metagrad._core.checks import check_lr
+from torchopt_metagrad._core.checks import check_lr_or_schedule
 from torchopt_metagrad._core.steps import StepMapFactory, sgd_factory, transformation_factory
 from torchopt_metagrad.module.session import Session
 from torchopt_metagrad.module.slots import Slots
@@ -248,7 +248,6 @@ class MetaSGD(MetaOptimizer):
         maximize: bool = False,
         moment_requires_grad: bool = True,
     ) -> None:
-        _check_lr(lr)
         make, impl = sgd_factory(
             lr,
             momentum=momentum,
@@ -288,7 +287,7 @@ class MetaAdam(MetaOptimizer):
         maximize: bool = False,
         moment_requires_grad: bool = True,
     ) -> None:
-        _check_lr(lr)
+        check_lr_or_schedule(lr)
         impl = torchopt.adam(
             lr,
             betas=betas,
@@ -298,8 +297,3 @@ class MetaAdam(MetaOptimizer):
             maximize=maximize,
         )
         self._setup(module, rule, transformation_factory(impl), impl)
-
-
-def _check_lr(lr: Any) -> None:
-    if not callable(lr):
-        check_lr(lr)
