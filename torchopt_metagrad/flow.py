@@ -22,6 +22,7 @@ from torch import Tensor
 
 from torchopt_metagrad._core import ode as _ode
 from torchopt_metagrad._core.checks import check_callable, check_params, check_positive
+from torchopt_metagrad._core.closed import closed_meta
 from torchopt_metagrad._core.flat import FlatSpec
 from torchopt_metagrad._core.link import Link
 from torchopt_metagrad._core.needs import Offers, check_fit
@@ -108,8 +109,10 @@ def flow(
     times = _ode.linspace(T, n, theta)
     states = _ode.solve("forward gradient-flow solve", field, theta, times, solver, grid_step=h)
     _check_states(states, h)
-    record = Record.of_states(spec, states, loss, time_step=h, solver=solver)
-    return dict(zip(spec.names, Link.apply(record, rule, "tmg.flow", *leaves), strict=True))
+    meta = closed_meta(loss, states[0], rule)
+    record = Record.of_states(spec, states, loss, time_step=h, solver=solver, meta=meta)
+    outputs = Link.apply(record, rule, "tmg.flow", *leaves, *meta.tensors)
+    return dict(zip(spec.names, outputs, strict=True))
 
 
 def implicit(
@@ -160,14 +163,10 @@ def implicit(
                 out = solver(anchor, batch)
             phi = _flatten_output(out, spec, "solver").detach()
             loss = StepLoss(flat_loss(loss_fn, spec), batch, batchable=True)
-            record = Record.of_states(spec, phi[None], loss)
-            return dict(
-                zip(
-                    spec.names,
-                    Link.apply(record, rule, "tmg.implicit", *params.values()),
-                    strict=True,
-                )
-            )
+            meta = closed_meta(loss, phi, rule)
+            record = Record.of_states(spec, phi[None], loss, meta=meta)
+            outputs = Link.apply(record, rule, "tmg.implicit", *params.values(), *meta.tensors)
+            return dict(zip(spec.names, outputs, strict=True))
 
         return wrapped
 
@@ -234,14 +233,10 @@ def adjoint(
             loss = StepLoss(flat_loss(loss_fn, spec), batch, batchable=True)
             _check_grid(loss, flat, h, T)
             rule.validate(n)
-            record = Record.of_states(spec, flat, loss, time_step=h)
-            return dict(
-                zip(
-                    spec.names,
-                    Link.apply(record, rule, "tmg.adjoint", *params.values()),
-                    strict=True,
-                )
-            )
+            meta = closed_meta(loss, flat[0], rule)
+            record = Record.of_states(spec, flat, loss, time_step=h, meta=meta)
+            outputs = Link.apply(record, rule, "tmg.adjoint", *params.values(), *meta.tensors)
+            return dict(zip(spec.names, outputs, strict=True))
 
         return wrapped
 

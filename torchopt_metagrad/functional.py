@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
-from torchopt_metagrad._core.checks import check_batches, check_callable, check_int, check_params
+from torchopt_metagrad._core.checks import (
+    check_adapt,
+    check_batches,
+    check_callable,
+    check_int,
+    check_params,
+)
 from torchopt_metagrad._core.flat import FlatSpec
 from torchopt_metagrad._core.link import Link
 from torchopt_metagrad._core.loop import InnerLoop
-from torchopt_metagrad._core.needs import Offers, check_fit
+from torchopt_metagrad._core.needs import Needs, Offers, check_fit
 from torchopt_metagrad._core.replay import StepLoss
 from torchopt_metagrad._core.steps import AbstractStepMap, step_map_factory
 from torchopt_metagrad.rules.base import AbstractRule, check_rule
 
-__all__ = ["adapt", "flat_loss", "run_loop"]
+__all__ = ["Layout", "adapt", "flat_loss", "run_loop"]
 
 
 def adapt(
@@ -26,9 +33,10 @@ def adapt(
     *,
     batches: Sequence[Any] | None = None,
     steps: int,
-    lr: float | None = None,
+    lr: float | Tensor | Mapping[str, Tensor] | None = None,
     rule: AbstractRule,
     optimizer: Any = None,
+    adapt: Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
     r"""Adapt ``params`` for ``steps`` inner steps; differentiate with ``rule``.
 
@@ -38,6 +46,12 @@ def adapt(
     ``params``; ``backward()`` / ``torch.autograd.grad`` give the meta-gradient
     estimate of ``rule``. Switching rule changes nothing else.
 
+    Meta-parameters: every other tensor the inner loop depends on that requires grad
+    gets its meta-gradient under the rule too (see each rule's docstring for its
+    definition): a learned ``lr``, the fixed entries of ``params`` (``adapt=``), and
+    leaves that ``loss_fn`` closes over (a body's parameters, a weight-decay
+    coefficient), found in the first step's graph.
+
     Randomness in ``loss_fn`` (dropout) is replayed, not redrawn, when a rule recomputes
     a step, and buffers it updates in place (batch norm's running statistics) are left
     exactly as the forward left them; so every exact rule equals ``Unrolled()``.
@@ -46,12 +60,16 @@ def adapt(
         loss_fn: ``loss_fn(params, batch) -> scalar tensor``, with ``params`` a
             ``dict[str, Tensor]`` shaped like the input (use
             ``torch.func.functional_call(model, params, inputs)`` inside).
-        params: the initial parameters, e.g. ``dict(model.named_parameters())``;
-            floating point, one dtype and device, all requiring grad.
+        params: the initial parameters, e.g. ``dict(model.named_parameters())``. The
+            adapted ones must be floating point, of one dtype and device, and require grad.
         batch: passed unchanged to ``loss_fn`` at every step (any object).
-        batches: alternatively, exactly ``steps`` batches, one per step.
+        batches: alternatively, exactly ``steps`` batches, one per step (their tensors
+            must not require grad).
         steps: number of inner steps K >= 1.
-        lr: inner gradient-descent step size > 0 (leave ``None`` with ``optimizer``).
+        lr: inner gradient-descent step size: a float > 0, or a tensor (a learned
+            rate; it may require grad): 0-dim, or shape ``(steps,)`` (one per step,
+            MAML++), or a dict ``{name: tensor}`` over the adapted names, each shaped
+            like its parameter or 0-dim (Meta-SGD). Leave ``None`` with ``optimizer``.
         rule: how to compute the meta-gradient, e.g. ``tmg.Binomial(2)``. A rule
             that declares a proximal term (``tmg.ImplicitCG(reg)``) adds
             ``reg/2 * ||phi - theta||^2`` to the inner loss of every step.
@@ -59,45 +77,60 @@ def adapt(
             momentum=0.9)``, ``torchopt.adam(1e-3)``, ...) or a ``torch.optim.SGD`` /
             ``Adam`` (its hyperparameters) instead of plain gradient descent; the rules
             then use VJPs of the whole step map (parameters and optimizer state).
+        adapt: names of the entries of ``params`` to adapt (default: all). The others
+            are held fixed (e.g. ANIL's body, or features computed by it) and passed to
+            ``loss_fn`` as given; those that require grad get their meta-gradient
+            through the inner loop under the rule (plus the outer loss's direct use).
 
     Returns:
-        ``{name: adapted tensor}`` with the keys of ``params``.
+        ``{name: tensor}`` with the keys of ``params``: the adapted tensors, and the
+        fixed entries as given.
 
     Raises:
-        TypeError, ValueError: an argument is invalid (the message names it).
+        TypeError, ValueError: an argument is invalid (the message names it), or the
+            rule cannot differentiate a meta-parameter (the message names it).
         NonFiniteError: the inner loss or gradient (forward), or the
             meta-gradient (backward), is not finite; the message names the step.
     """
-    spec = check_params(params)
+    names = check_adapt(adapt, params)
+    spec = check_params({n: params[n] for n in names} if adapt is not None else params)
+    layout = None if adapt is None else Layout.of(params, names)
     check_callable(loss_fn, "loss_fn")
     steps = check_int(steps, "steps", minimum=1)
     check_rule(rule)
     rule.validate(steps)
     check_batches(batch, batches, steps)
-    needs = rule.needs(steps)
-    factory, _, _ = step_map_factory(lr, optimizer)
+    factory, _, _ = step_map_factory(lr, optimizer, steps=steps)
+    loss_meta = () if layout is None else tuple(params[n] for n in layout.meta_names)
+    needs = rule.needs(steps, meta=bool(loss_meta))
     step_map = factory(spec, needs.proximal)
     offers = Offers(
         "tmg.adapt",
         per_step_batches=batches is not None,
         flow_samples=step_map.time_step is not None,
+        step_meta=bool(step_map.meta),
     )
     check_fit(rule, needs, offers)
-    leaves = list(params.values())
+    leaves = [params[n] for n in spec.names]
     loop = run_loop(
         loss_fn,
         spec,
         spec.flatten(leaves),
         step_map,
         [batch] * steps if batches is None else list(batches),
-        first_needed=lambda n: rule.needs(n).snapshots_from,
+        needs=lambda n, meta: rule.needs(n, meta=meta),
         unrolled=needs.graph,
+        layout=layout,
+        loss_meta=loss_meta,
+        rule_name=type(rule).__name__,
     )
     if needs.graph:
         adapted = spec.split(loop.params)
     else:
-        adapted = list(Link.apply(loop.record(), rule, "tmg.adapt", *leaves))
-    return dict(zip(spec.names, adapted, strict=True))
+        record = loop.record()
+        adapted = list(Link.apply(record, rule, "tmg.adapt", *leaves, *record.meta.tensors))
+    out = dict(zip(spec.names, adapted, strict=True))
+    return out if layout is None else {n: out.get(n, params[n]) for n in params}
 
 
 def run_loop(
@@ -107,26 +140,67 @@ def run_loop(
     step_map: AbstractStepMap,
     batches: list[Any],
     *,
-    first_needed: Callable[[int], int],
+    needs: Callable[[int, bool], Needs],
     unrolled: bool = False,
+    layout: Layout | None = None,
+    loss_meta: tuple[Tensor, ...] = (),
+    rule_name: str = "the rule",
 ) -> InnerLoop:
     """The core's inner loop over ``loss_fn``, one step per batch (a known horizon)."""
-    fn = flat_loss(loss_fn, spec)
+    fn = flat_loss(loss_fn, spec, layout)
     loop = InnerLoop(
         spec,
         step_map,
         theta,
-        first_needed=first_needed,
+        needs=needs,
         horizon=len(batches),
         unrolled=unrolled,
+        loss_meta=loss_meta,
+        rule_name=rule_name,
     )
     for batch in batches:
-        loop.step(StepLoss(fn, batch, batchable=True))
+        loop.step(StepLoss(fn, batch, batchable=True, meta=loss_meta))
     return loop
 
 
+@dataclass(frozen=True)
+class Layout:
+    """``params`` split by ``adapt=``: adapted entries, fixed meta-parameters (requiring
+    grad), fixed constants; :meth:`merge` puts them back together in ``params``' order."""
+
+    order: tuple[str, ...]
+    adapted: tuple[str, ...]
+    meta_names: tuple[str, ...]
+    constants: dict[str, Tensor]
+
+    @classmethod
+    def of(cls, params: Mapping[str, Tensor], adapted: tuple[str, ...]) -> Layout:
+        fixed = [n for n in params if n not in adapted]
+        return cls(
+            order=tuple(params),
+            adapted=adapted,
+            meta_names=tuple(n for n in fixed if params[n].requires_grad),
+            constants={n: params[n] for n in fixed if not params[n].requires_grad},
+        )
+
+    def merge(self, adapted: list[Tensor], meta: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        parts = dict(zip(self.adapted, adapted, strict=True))
+        parts.update(zip(self.meta_names, meta, strict=True))
+        parts.update(self.constants)
+        return {n: parts[n] for n in self.order}
+
+
 def flat_loss(
-    loss_fn: Callable[[dict[str, Tensor], Any], Tensor], spec: FlatSpec
-) -> Callable[[Tensor, Any], Tensor]:
-    """``loss_fn`` as a function of flat params (works inside ``torch.func`` transforms)."""
-    return lambda flat, batch: loss_fn(spec.unflatten(flat), batch)
+    loss_fn: Callable[[dict[str, Tensor], Any], Tensor],
+    spec: FlatSpec,
+    layout: Layout | None = None,
+) -> Callable[[Tensor, Any, tuple[Tensor, ...]], Tensor]:
+    """``loss_fn`` as ``fn(flat, batch, meta)`` (works inside ``torch.func`` transforms).
+
+    With a :class:`Layout` (``adapt=``), ``loss_fn`` gets every entry of ``params``: the
+    adapted ones from ``flat``, the fixed meta-parameters from ``meta`` and the fixed
+    constants as given, in the order of ``params``.
+    """
+    if layout is None:
+        return lambda flat, batch, meta: loss_fn(spec.unflatten(flat), batch)
+    return lambda flat, batch, meta: loss_fn(layout.merge(spec.split(flat), meta), batch)

@@ -13,18 +13,23 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
 
 from torchopt_metagrad._core.flat import FlatSpec
 from torchopt_metagrad.errors import NonFiniteError
 
 __all__ = [
+    "check_adapt",
+    "check_batch_constants",
     "check_batches",
     "check_callable",
     "check_inner_finite",
     "check_int",
     "check_loss",
     "check_lr",
+    "check_lr_dict",
     "check_lr_or_schedule",
+    "check_lr_tensor",
     "check_params",
     "check_positive",
     "ensure_finite",
@@ -58,6 +63,49 @@ def check_callable(value: Any, name: str) -> None:
 def check_lr(lr: Any, name: str = "lr") -> float:
     """A plain learning rate: a finite float > 0."""
     return check_positive(lr, name)
+
+
+def check_lr_tensor(lr: Tensor, steps: int | None, name: str = "lr") -> None:
+    """A learned learning rate: a floating-point tensor, 0-dim or one entry per step."""
+    if not lr.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {lr.dtype}")
+    if lr.dim() > 1 or (lr.dim() == 1 and steps is not None and lr.shape[0] != steps):
+        want = f"({steps},)" if steps is not None else "(steps,)"
+        raise ValueError(
+            f"{name} must be a 0-dim tensor (one rate) or of shape {want} (one rate per inner "
+            f"step), got shape {tuple(lr.shape)}; for one rate per parameter entry (Meta-SGD) "
+            "pass a dict {name: tensor shaped like the parameter}"
+        )
+    if lr.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    if not bool(torch.isfinite(lr.detach()).all()):
+        raise ValueError(f"{name} has non-finite entries")
+
+
+def check_lr_dict(
+    lr: Mapping[Any, Any], names: Sequence[str], shapes: Sequence[torch.Size], name: str = "lr"
+) -> None:
+    """One learned rate per adapted parameter: keys = the adapted names, param-shaped or 0-dim."""
+    missing = [n for n in names if n not in lr]
+    extra = [repr(k) for k in lr if k not in names]
+    if missing or extra:
+        raise ValueError(
+            f"{name} must have one entry per adapted parameter ({', '.join(names)}); "
+            + (f"missing {missing}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"not adapted: {', '.join(extra)}" if extra else "")
+        )
+    for n, shape in zip(names, shapes, strict=True):
+        t = lr[n]
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name}[{n!r}] must be a floating-point tensor, got {t!r}")
+        if t.dim() and t.shape != shape:
+            raise ValueError(
+                f"{name}[{n!r}] has shape {tuple(t.shape)}; it must be 0-dim or shaped like "
+                f"the parameter {tuple(shape)}"
+            )
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(f"{name}[{n!r}] has non-finite entries")
 
 
 def check_lr_or_schedule(lr: Any, name: str = "lr") -> Any:
@@ -102,6 +150,47 @@ def check_params(params: Any, name: str = "params") -> FlatSpec:
     return FlatSpec.from_tensors(params)
 
 
+def check_adapt(adapt: Any, params: Any) -> tuple[str, ...]:
+    """The names to adapt: all keys of ``params`` (``adapt=None``) or a checked subset."""
+    if not isinstance(params, Mapping):
+        return ()  # check_params names the problem
+    if adapt is None:
+        return tuple(params)
+    if isinstance(adapt, str) or not isinstance(adapt, (Sequence, set, frozenset)):
+        raise TypeError(
+            f"adapt must be a list of names of params' entries, got {type(adapt).__name__}"
+            + (f" ({adapt!r}: wrap one name in a list)" if isinstance(adapt, str) else "")
+        )
+    names = list(adapt)
+    if not names:
+        raise ValueError("adapt is empty: name at least one entry of params to adapt")
+    unknown = [repr(n) for n in names if n not in params]
+    if unknown:
+        raise ValueError(
+            f"adapt names {', '.join(unknown)}, not in params (keys: {', '.join(map(str, params))})"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError("adapt names an entry twice")
+    for key, t in params.items():
+        if key not in names and not isinstance(t, Tensor):
+            raise TypeError(f"params[{key!r}] must be a tensor, got {type(t).__name__}")
+    return tuple(n for n in params if n in names)
+
+
+def check_batch_constants(batches: Sequence[Any]) -> None:
+    """Per-step batches must not hold tensors that require grad (their meta-gradient
+    would differ per step; give one batch, or detach them)."""
+    for k, b in enumerate(batches):
+        for t in tree_leaves(b):
+            if isinstance(t, Tensor) and t.requires_grad:
+                raise ValueError(
+                    f"batches[{k}] holds a tensor of shape {tuple(t.shape)} that requires grad; "
+                    "per-step batches are constants of the inner loop (the rules would not "
+                    "differentiate them): detach it, or pass it as a fixed entry of params "
+                    "(adapt=...) or in one shared batch"
+                )
+
+
 def check_batches(batch: Any, batches: Sequence[Any] | None, steps: int) -> None:
     """``batch`` (shared) or ``batches`` (exactly one per step), not both."""
     if batches is None:
@@ -114,6 +203,7 @@ def check_batches(batch: Any, batches: Sequence[Any] | None, steps: int) -> None
         )
     if len(batches) != steps:
         raise ValueError(f"batches has {len(batches)} entries but steps={steps}; give one per step")
+    check_batch_constants(batches)
 
 
 def check_loss(loss: Any, k: int, what: str = "loss_fn") -> Tensor:

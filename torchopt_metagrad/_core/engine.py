@@ -18,15 +18,20 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from torchopt_metagrad.errors import VectorizationFallbackWarning
 
 __all__ = [
+    "Meta",
     "hvp",
+    "meta_pullback_many",
+    "pullback",
     "reset_fallback_warnings",
     "vjp_increment",
     "vjp_increment_many",
@@ -94,6 +99,131 @@ def vjp_increment_many(
             states, aux, batch, vectors
         )
     return out.detach()
+
+
+@dataclass(frozen=True)
+class Meta:
+    """The tensors besides the parameters that a step depends on, by how they enter it.
+
+    Attributes:
+        step: the step map's (a learned lr), passed to ``delta`` as ``w``.
+        loss: the loss's, passed to it as ``meta`` (fixed entries of ``params``).
+        closed: leaves the loss closes over (found in its graph, used as they are).
+
+    ``step`` and ``loss`` are replaced by detached copies in a pullback, so gradients do
+    not flow into their histories there (the one autograd node passes them on).
+    """
+
+    step: tuple[Tensor, ...] = ()
+    loss: tuple[Tensor, ...] = ()
+    closed: tuple[Tensor, ...] = ()
+
+    @property
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (*self.step, *self.loss, *self.closed)
+
+    def __bool__(self) -> bool:
+        return bool(self.step or self.loss or self.closed)
+
+    def copies(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Detached leaf copies of ``step`` and ``loss`` to differentiate in a pullback."""
+        return tuple(_leaf(t) for t in self.step), tuple(_leaf(t) for t in self.loss)
+
+
+def _leaf(t: Tensor) -> Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def pullback(
+    loss: Callable[[Tensor, tuple[Tensor, ...]], Tensor],
+    delta: Callable[[Tensor, Tensor, tuple[Tensor, ...]], Tensor],
+    z: Tensor,
+    v: Tensor,
+    param_dim: int,
+    meta: Meta,
+    *,
+    want_state: bool = True,
+) -> tuple[Tensor | None, list[Tensor]]:
+    """VJP with ``v`` of ``(z, w) -> delta(z, grad loss(z[:P], w_loss), w_step)`` at ``z``:
+    ``(d/dz, [d/dw for w in meta.tensors])`` (``None`` for ``d/dz`` unless ``want_state``)."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        w_step, w_loss = meta.copies()
+        params = z[:param_dim]
+        (grad,) = torch.autograd.grad(loss(params, w_loss), params, create_graph=True)
+        inputs = ((z,) if want_state else ()) + w_step + w_loss + meta.closed
+        # The loss may reach closed-over leaves through tensors computed outside it (a
+        # body's features): keep those graphs for the outer backward.
+        out = torch.autograd.grad(
+            delta(z, grad, w_step),
+            inputs,
+            v,
+            allow_unused=True,
+            materialize_grads=True,
+            retain_graph=bool(meta.closed),
+        )
+    grads = [g.detach() for g in out]
+    return (grads.pop(0) if want_state else None), grads
+
+
+def meta_pullback_many(
+    loss: Callable[[Tensor, Any, tuple[Tensor, ...]], Tensor],
+    delta: Callable[[Tensor, Tensor, Any, tuple[Tensor, ...]], Tensor],
+    states: Tensor,
+    aux: Any,
+    batch: Any,
+    batch_dim: int | None,
+    vectors: Tensor,
+    param_dim: int,
+    meta: Meta,
+    *,
+    chunk_size: int | None = None,
+) -> list[Tensor]:
+    """``sum_r`` of the meta part of row ``r``'s VJP (see :func:`pullback`), rows batched.
+
+    ``torch.func.vmap`` evaluates the increments of a chunk of rows (with
+    ``torch.func.grad`` inside); one plain backward then differentiates them with respect
+    to the meta-parameters (closed-over tensors included, which ``torch.func`` cannot
+    differentiate directly). Chunks of ``chunk_size`` rows bound the live graphs.
+    """
+    w_step, w_loss = meta.copies()
+    inputs = w_step + w_loss + meta.closed
+
+    def increment(z: Tensor, a: Any, b: Any) -> Tensor:
+        grad = torch.func.grad(loss)(z[:param_dim], b, w_loss)
+        return delta(z, grad, a, w_step)
+
+    n = states.shape[0]
+    size = n if chunk_size is None else chunk_size
+    total: list[Tensor] | None = None
+    for lo in range(0, n, size):
+        rows = slice(lo, min(lo + size, n))
+        part_aux = _take(aux, rows)
+        part_batch = batch if batch_dim is None else _take(batch, rows)
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NO_BATCH_RULE, category=UserWarning)
+            out = torch.func.vmap(increment, in_dims=(0, 0, batch_dim))(
+                states[rows].detach(), part_aux, part_batch
+            )
+            grads = torch.autograd.grad(
+                out,
+                inputs,
+                vectors[rows],
+                allow_unused=True,
+                materialize_grads=True,
+                retain_graph=bool(meta.closed),
+            )
+        total = (
+            [g.detach() for g in grads]
+            if total is None
+            else [t + g.detach() for t, g in zip(total, grads, strict=True)]
+        )
+    assert total is not None
+    return total
+
+
+def _take(tree: Any, rows: slice) -> Any:
+    return pytree.tree_map(lambda t: t[rows], tree)
 
 
 def reset_fallback_warnings() -> None:

@@ -1,8 +1,10 @@
 """The one autograd node that links a record to the initial parameters.
 
-``Link.apply(record, rule, owner, *theta)`` returns the parameters of the record's final
-state; when anything computed from them is backpropagated, its backward runs the rule
-on the record and returns the meta-gradient for ``theta``. Every front end uses it:
+``Link.apply(record, rule, owner, *theta, *record.meta.tensors)`` returns the parameters
+of the record's final state; when anything computed from them is backpropagated, its
+backward runs the rule on the record and returns the meta-gradient for ``theta`` and
+for the meta-parameters (a learned lr, fixed params, closed-over leaves), which autograd
+passes on into their histories. Every front end uses it:
 ``tmg.adapt``, ``tmg.flow``, the decorators and the module optimizers. So
 ``outer_loss.backward()`` and ``torch.autograd.grad`` give the rule's estimate, and any
 outer optimizer works unchanged.
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from torchopt_metagrad._core.checks import ensure_finite
+from torchopt_metagrad._core.closed import describe
 from torchopt_metagrad._core.protocol import Estimate
 from torchopt_metagrad._core.record import Record
 
@@ -81,10 +84,11 @@ def _publish(report: RuleReport) -> None:
 
 
 class Link(torch.autograd.Function):
-    """``(record, rule, owner, *theta) -> params of the final state``; backward runs the rule."""
+    """``(record, rule, owner, *theta, *meta) -> params of the final state``; backward runs
+    the rule."""
 
     @staticmethod
-    def forward(ctx: Any, record: Record, rule: Any, owner: str, *theta: Tensor) -> Any:
+    def forward(ctx: Any, record: Record, rule: Any, owner: str, *inputs: Tensor) -> Any:
         ctx.rule, ctx.owner = rule, owner
         # Snapshots go through save_for_backward so autograd frees them after the backward
         # (unless retain_graph=True) instead of living as long as the outputs.
@@ -106,18 +110,29 @@ class Link(torch.autograd.Function):
                 "derivatives"
             )
         record: Record = ctx.record
+        if record.blocked():  # a pullback of a later step wants partial derivatives
+            return (None, None, None, *(None for _ in ctx.needs_input_grad[3:]))
         record.put_tensors(ctx.saved_tensors)
         try:
-            meta = run_rule(rule, record, grad_outputs, owner)
+            theta_grad, meta_grad = run_rule(rule, record, grad_outputs, owner)
         finally:
             record.take_tensors()  # autograd owns the snapshots: free them with its graph
-        return (None, None, None, *(t.clone() for t in record.spec.split(meta)))
+        metas = record.meta.tensors
+        parts = meta_grad.split([t.numel() for t in metas]) if metas else ()
+        return (
+            None,
+            None,
+            None,
+            *(t.clone() for t in record.spec.split(theta_grad)),
+            *(p.view(t.shape).to(t.dtype) for p, t in zip(parts, metas, strict=True)),
+        )
 
 
 def run_rule(
     rule: Any, record: Record, grad_outputs: Sequence[Tensor | None], owner: str
-) -> Tensor:
-    """The rule's meta-gradient (parameter block) for the outer gradient ``grad_outputs``.
+) -> tuple[Tensor, Tensor]:
+    """The rule's meta-gradient for the outer gradient ``grad_outputs``: the parameter
+    block and the flat meta-parameter vector.
 
     Flattens the outer gradient (``None`` -> zeros), checks it is finite, pads it with
     zeros for the optimizer-state block, runs the rule and publishes its diagnostics.
@@ -146,12 +161,22 @@ def run_rule(
     if record.state_dim > spec.numel:
         g = torch.cat([g, g.new_zeros(record.state_dim - spec.numel)])
     result = rule.meta_gradient(record, g)
-    info = None
+    info, meta = None, None
     if isinstance(result, Estimate):
-        out, info = result.value, result.info
+        out, info, meta = result.value, result.info, result.meta
     else:
         out = result
+    if record.meta_dim and (meta is None or meta.shape != (record.meta_dim,)):
+        raise RuntimeError(
+            f"{type(rule).__name__} returned no meta-gradient for the inner loop's "
+            f"meta-parameters ({', '.join(describe(t) for t in record.meta.tensors)}): it "
+            "does not support tensors besides the adapted params (a learned lr, fixed or "
+            "closed-over tensors that require grad). Use a built-in rule, or detach them"
+        )
     _publish(RuleReport(rule, owner, record.steps, info))
-    meta = out[: spec.numel]
-    ensure_finite(meta, lambda: f"in {type(rule).__name__}'s result ({owner})")
-    return meta
+    theta_grad = out[: spec.numel]
+    ensure_finite(theta_grad, lambda: f"in {type(rule).__name__}'s result ({owner})")
+    if meta is None:
+        meta = theta_grad.new_zeros(0)
+    ensure_finite(meta, lambda: f"in {type(rule).__name__}'s meta-parameter result ({owner})")
+    return theta_grad, meta

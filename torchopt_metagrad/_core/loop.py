@@ -10,10 +10,17 @@ the module front end once per ``opt.step``). Per step it gets either
   the module front end's ``step(loss)``): the gradient is taken w.r.t. those tensors,
   with its graph kept when the rule applies that step's Jacobian.
 
-Graph-free, the loop keeps only what ``needs(n).snapshots_from`` says a meta-gradient
-after ``n`` steps uses, releasing older steps as it goes. Unrolled (rule ``Unrolled``), it
-keeps the whole graph and checks the gradient reaching every state, ``z_0`` included,
-for non-finite values.
+Graph-free, the loop keeps only what ``needs(n, meta).snapshots_from`` says a
+meta-gradient after ``n`` steps uses, releasing older steps as it goes. Unrolled (rule
+``Unrolled``), it keeps the whole graph and checks the gradient reaching every state,
+``z_0`` included, for non-finite values.
+
+Meta-parameters (tensors besides the parameters that the steps depend on and that
+require grad): the step map's (a learned lr) and the loss's (fixed entries of
+``params``) are given; at the first step, graph-free, the loop looks for leaves the loss
+closes over (:func:`~torchopt_metagrad._core.closed.closed_over`) and adds them, and
+refuses a step map that closes over one (its meta-gradient would be lost). With any
+meta-parameter the rules need every step (``meta=True``).
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ import torch
 from torch import Tensor
 
 from torchopt_metagrad._core.checks import check_inner_finite, check_loss, ensure_finite
+from torchopt_metagrad._core.closed import closed_over, describe
+from torchopt_metagrad._core.engine import Meta
 from torchopt_metagrad._core.flat import FlatSpec
+from torchopt_metagrad._core.needs import Needs
 from torchopt_metagrad._core.record import Kept, Record, Snapshot
 from torchopt_metagrad._core.replay import StepLoss
 from torchopt_metagrad._core.steps import AbstractStepMap
@@ -39,11 +49,14 @@ class InnerLoop:
         spec: layout of the parameter block.
         step_map: the step map.
         theta: flat initial parameters (with their graph when ``unrolled``).
-        first_needed: ``n -> first step a meta-gradient after n steps uses``.
+        needs: ``(n, meta) -> what a meta-gradient after n steps needs`` (``meta``:
+            there are meta-parameters), i.e. ``rule.needs``.
         horizon: the number of steps, when known in advance (then steps before
-            ``first_needed(horizon)`` are never stored).
+            ``needs(horizon).snapshots_from`` are never stored).
         unrolled: keep the whole graph (``Unrolled``) instead of a record.
         what: names the loss in error messages.
+        loss_meta: the loss's meta-parameters (the tensors ``StepLoss.meta`` holds).
+        rule_name: names the rule in error messages.
     """
 
     def __init__(
@@ -52,23 +65,24 @@ class InnerLoop:
         step_map: AbstractStepMap,
         theta: Tensor,
         *,
-        first_needed: Callable[[int], int],
+        needs: Callable[[int, bool], Needs],
         horizon: int | None = None,
         unrolled: bool = False,
         what: str = "loss_fn",
+        loss_meta: tuple[Tensor, ...] = (),
+        rule_name: str = "the rule",
     ) -> None:
         self.spec = spec
         self.step_map = step_map
         self.unrolled = unrolled
-        self.first_needed = first_needed
+        self._needs = needs
+        self.rule_name = rule_name
         self.what = what
-        self._store_from = 0 if horizon is None else min(first_needed(horizon), horizon)
-        # With a known horizon the snapshots are rows of one block, so a batched stage
-        # takes a view of consecutive rows instead of stacking copies.
+        self.horizon = horizon
+        self.meta = Meta(step_map.meta, tuple(t for t in loss_meta if t.requires_grad))
+        self._store_from = 0
         self._block: Tensor | None = None
-        if horizon is not None and not unrolled and horizon > self._store_from:
-            rows = horizon - self._store_from
-            self._block = theta.new_empty((rows, step_map.dim))
+        self._chain = object()  # identifies this loop's records (see Record.blocked)
         with torch.set_grad_enabled(unrolled and torch.is_grad_enabled()):
             self.z, self.aux = step_map.init_state(theta if unrolled else theta.detach())
         if unrolled and self.z.requires_grad:
@@ -78,6 +92,49 @@ class InnerLoop:
         self.entries: list[Snapshot | Kept | None] = []
         self.last_loss: StepLoss | None = None
         self._mutates: bool | None = None
+
+    def first_needed(self, n: int) -> int:
+        """First step a meta-gradient after ``n`` steps uses."""
+        return self._needs(n, bool(self.meta)).snapshots_from
+
+    def _start(self, value: Tensor, stop: list[Tensor], grad: Tensor) -> None:
+        """At the first step: find closed-over leaves, then plan what to store."""
+        if not self.unrolled:
+            self._check_step_map(grad)
+            closed = closed_over([value], [*stop, *self.meta.loss])
+            if closed:
+                self.meta = Meta(self.meta.step, self.meta.loss, tuple(closed))
+            if self.meta and not self._needs(self.horizon or 1, True).meta_params:
+                raise ValueError(
+                    f"{self.rule_name} does not compute meta-gradients for tensors besides the "
+                    f"adapted params, and the inner loss depends on "
+                    f"{describe(self.meta.tensors[0])} that requires grad. Use a step rule "
+                    "(tmg.Exact, tmg.Binomial, ...) or tmg.Unrolled, or detach it"
+                )
+        horizon = self.horizon
+        self._store_from = 0 if horizon is None else min(self.first_needed(horizon), horizon)
+        # With a known horizon the snapshots are rows of one block, so a batched stage
+        # takes a view of consecutive rows instead of stacking copies.
+        if horizon is not None and not self.unrolled and horizon > self._store_from:
+            rows = horizon - self._store_from
+            self._block = self.z.new_empty((rows, self.step_map.dim))
+
+    def _check_step_map(self, grad: Tensor) -> None:
+        """Refuse a step map that closes over a tensor requiring grad (not a declared lr)."""
+        with torch.enable_grad():
+            z = self.z.detach().requires_grad_(True)
+            g = grad.detach().requires_grad_(True)
+            out = self.step_map.delta(z, g, self.aux)
+        if out.grad_fn is None:
+            return
+        hidden = closed_over([out], [z, g, *self.meta.step])
+        if hidden:
+            raise ValueError(
+                f"the inner optimizer depends on {describe(hidden[0])} that requires grad "
+                "(e.g. a tensor learning rate inside a torchopt optimizer): its meta-gradient "
+                "would be lost. Give a learned learning rate as lr=tensor (or a dict of "
+                "tensors) with plain gradient descent, or detach it"
+            )
 
     @property
     def params(self) -> Tensor:
@@ -97,6 +154,9 @@ class InnerLoop:
             value = check_loss(value, k, what or self.what)
             (grad,) = torch.autograd.grad(value, leaf, create_graph=self.unrolled)
         check_inner_finite(value.detach(), grad.detach(), k)
+        if k == 0:
+            self._start(value, [leaf], grad)
+            store = not self.unrolled and k >= self._store_from
         entry = Snapshot(self._keep(k), self.aux, loss) if store else None
         self.last_loss = None if self.unrolled else loss
         self._advance(grad, entry)
@@ -110,16 +170,23 @@ class InnerLoop:
         return row
 
     def step_on(
-        self, value: Tensor, params: Sequence[Tensor], *, keep_graph: bool, what: str | None = None
+        self,
+        value: Tensor,
+        params: Sequence[Tensor],
+        *,
+        keep_graph: Callable[[bool], bool],
+        what: str | None = None,
     ) -> None:
         """Take one step with a loss already computed from the tensors ``params``.
 
-        ``keep_graph`` keeps the gradient's graph so the rule can apply this step's
-        Jacobian (ignored, always kept, when unrolled).
+        ``keep_graph(meta)`` says whether to keep the gradient's graph so the rule can
+        apply this step's Jacobian (ignored, always kept, when unrolled).
         """
         k = self.n
         value = check_loss(value, k, what or self.what)
-        keep = self.unrolled or (keep_graph and k >= self._store_from)
+        if k == 0:
+            self._start(value, list(params), self.z[: self.spec.numel])
+        keep = self.unrolled or (keep_graph(bool(self.meta)) and k >= self._store_from)
         with torch.enable_grad():
             grads = torch.autograd.grad(value, tuple(params), create_graph=keep, allow_unused=True)
         if all(g is None for g in grads):
@@ -174,6 +241,8 @@ class InnerLoop:
             final_aux=self.aux,
             final_loss=self.last_loss,
             time_step=self.step_map.time_step,
+            meta=self.meta,
+            chain=self._chain,
         )
 
 

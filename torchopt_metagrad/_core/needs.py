@@ -30,6 +30,11 @@ class Needs:
             (``record.time_step`` not ``None``).
         per_step_batches: the rule accepts a different batch at every step.
         graph: the rule differentiates through the kept unrolled graph (no record).
+        step_meta: the rule gives a meta-gradient to the step map's own meta-parameters
+            (a learned lr). Fixed-point and flow rules do not: the inner problem's
+            solution and the gradient flow do not depend on the step size.
+        meta_params: the rule computes meta-gradients for tensors besides the adapted
+            params (fixed or closed-over tensors that require grad).
     """
 
     snapshots_from: int
@@ -39,6 +44,8 @@ class Needs:
     flow: bool = False
     per_step_batches: bool = True
     graph: bool = False
+    step_meta: bool = True
+    meta_params: bool = True
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class Offers:
         proximal: the front end can add a proximal term to the inner loss.
         step_jacobians: the front end records discrete steps (not a flow or a solver).
         graph: the front end can keep the unrolled graph.
+        step_meta: the step map has a learned lr (a tensor that requires grad).
     """
 
     name: str
@@ -63,6 +71,7 @@ class Offers:
     proximal: bool = True
     step_jacobians: bool = True
     graph: bool = True
+    step_meta: bool = False
 
 
 def check_fit(rule: object, needs: Needs, offers: Offers) -> None:
@@ -88,6 +97,13 @@ def check_fit(rule: object, needs: Needs, offers: Offers) -> None:
             f"{what} needs Hessian-vector products where no step took a gradient (e.g. at the "
             f"final parameters), which {offers.name} cannot recompute; pass a closure that "
             "recomputes the training loss, e.g. opt.step(lambda: loss_fn(net(x), y))"
+        )
+    if offers.step_meta and not needs.step_meta:
+        raise ValueError(
+            f"{what} differentiates the solution of the inner problem (or the gradient flow), "
+            "which does not depend on the inner learning rate: a learned lr (a tensor that "
+            "requires grad) would get no meta-gradient. Use a step rule (tmg.Exact, "
+            "tmg.Binomial, tmg.Truncated, tmg.FirstOrder) or tmg.Unrolled, or detach the lr"
         )
     if needs.flow and not offers.flow_samples:
         raise ValueError(

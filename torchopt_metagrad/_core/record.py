@@ -22,11 +22,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
 from torchopt_metagrad._core import engine
+from torchopt_metagrad._core.engine import Meta
 from torchopt_metagrad._core.flat import FlatSpec
+from torchopt_metagrad._core.pull import blocking, is_blocked, pull, pull_list
 from torchopt_metagrad._core.replay import StepLoss
+from torchopt_metagrad._core.stack import rows as _rows
+from torchopt_metagrad._core.stack import stack_batches as _stack_batches
 from torchopt_metagrad._core.steps import AbstractStepMap, Aux
 
 __all__ = ["Kept", "Record", "Snapshot"]
@@ -75,6 +78,10 @@ class Record:
         time_step: ``h`` when state ``k`` samples a gradient flow at ``t = k h``.
         solver: the ``tmg.ODE`` of a forward flow solve, else ``None``.
         released: why the entries were dropped (``None``: they are here).
+        meta: the meta-parameters that require grad (a learned lr, fixed params,
+            closed-over leaves); the rules differentiate them too.
+        chain: the inner loop whose successive records share kept graphs (the module
+            front end), else ``None``; see :meth:`blocked`.
     """
 
     spec: FlatSpec
@@ -88,6 +95,8 @@ class Record:
     time_step: float | None = None
     solver: Any = None
     released: str | None = None
+    meta: Meta = dataclasses.field(default_factory=Meta)
+    chain: object | None = None
 
     @classmethod
     def of_states(
@@ -98,6 +107,7 @@ class Record:
         *,
         time_step: float | None = None,
         solver: Any = None,
+        meta: Meta | None = None,
     ) -> Record:
         """The record of a flow (or a solver's answer): states ``u_0..u_N`` (rows), one loss."""
         n = states.shape[0] - 1
@@ -112,6 +122,7 @@ class Record:
             final_loss=loss,
             time_step=time_step,
             solver=solver,
+            meta=Meta() if meta is None else meta,
         )
 
     # -- saving: snapshots go through save_for_backward so autograd frees them ----------
@@ -136,6 +147,17 @@ class Record:
         ]
         self.final = next(it)
 
+    def blocked(self) -> bool:
+        """True while a pullback through a kept graph of the same chain runs.
+
+        A kept step's graph starts at the parameters of that step, which an earlier
+        record's autograd node produced from ``theta`` *and the closed-over leaves*. A
+        pullback wants partial derivatives with respect to those leaves: the path through
+        the earlier node would add a total derivative on top, so that node's backward
+        gives nothing while the pullback runs.
+        """
+        return is_blocked(self.chain)
+
     def release(self, reason: str) -> None:
         """Drop every stored step (a backward that needs them then raises ``reason``)."""
         self.entries = []
@@ -153,6 +175,16 @@ class Record:
     @property
     def state_dim(self) -> int:
         return self.spec.numel if self.step_map is None else self.step_map.dim
+
+    @property
+    def meta_dim(self) -> int:
+        return sum(t.numel() for t in self.meta.tensors)
+
+    def _flat_meta(self, grads: list[Tensor]) -> Tensor:
+        spec = self.spec
+        if not grads:
+            return torch.zeros(0, dtype=spec.dtype, device=spec.device)
+        return torch.cat([g.reshape(-1).to(spec.dtype) for g in grads])
 
     def _entry(self, k: int) -> Snapshot | Kept:
         if self.released is not None:
@@ -193,11 +225,90 @@ class Record:
                 if entry.state is not None:
                     z = torch.cat([z, entry.state])
                 delta = step_map.delta(z, self.spec.flatten(entry.grads), entry.aux)
-            return _pull([delta], entry.inputs, [v])
+            return pull([delta], entry.inputs, [v])
         aux = entry.aux
         return engine.vjp_increment(
-            entry.loss, lambda z, g: step_map.delta(z, g, aux), entry.z, v, self.param_dim
+            _constant(entry.loss),
+            lambda z, g: step_map.delta(z, g, aux),
+            entry.z,
+            v,
+            self.param_dim,
         )
+
+    def pullback(
+        self, k: int, v: Tensor, *, want_state: bool = True
+    ) -> tuple[Tensor | None, Tensor]:
+        entry, step_map = self._entry(k), self._step_map()
+        if isinstance(entry, Kept):
+            w_step, _ = self.meta.copies()
+            with torch.enable_grad():
+                z = self.spec.flatten(entry.params)
+                if entry.state is not None:
+                    z = torch.cat([z, entry.state])
+                delta = step_map.delta(z, self.spec.flatten(entry.grads), entry.aux, w_step)
+            with blocking(self.chain):
+                grads = pull_list([delta], (*entry.inputs, *w_step, *self.meta.closed), [v])
+            n = len(entry.inputs)
+            a = torch.cat([g.reshape(-1) for g in grads[:n]]) if want_state else None
+            return a, self._flat_meta(grads[n:])
+        aux = entry.aux
+        a, grads = engine.pullback(
+            entry.loss,
+            lambda z, g, w: step_map.delta(z, g, aux, w),
+            entry.z,
+            v,
+            self.param_dim,
+            self.meta,
+            want_state=want_state,
+        )
+        return a, self._flat_meta(grads)
+
+    def meta_pullback_many(
+        self, start: int, vectors: Tensor, *, chunk_size: int | None = None, vectorize: bool = True
+    ) -> Tensor:
+        n = vectors.shape[0]
+        if start + n > self.steps:
+            raise IndexError(f"steps {start}..{start + n - 1} go past the last step")
+        entries = [self._entry(start + r) for r in range(n)]
+        stacked = self._stack(entries) if vectorize and n > 1 else None
+        if stacked is not None:
+            fn, states, aux, batch, batch_dim = stacked
+            try:
+                grads = engine.meta_pullback_many(
+                    fn,
+                    self._step_map().delta,
+                    states,
+                    aux,
+                    batch,
+                    batch_dim,
+                    vectors,
+                    self.param_dim,
+                    self.meta,
+                    chunk_size=chunk_size,
+                )
+                return self._flat_meta(grads)
+            except (RuntimeError, NotImplementedError, ValueError) as err:
+                _vmap_failed(err)
+        total = torch.zeros(self.meta_dim, dtype=self.spec.dtype, device=self.spec.device)
+        for r in range(n):
+            total = total + self.pullback(start + r, vectors[r], want_state=False)[1]
+        return total
+
+    def mixed(self, k: int, v: Tensor) -> Tensor:
+        params = self.snapshot(k)[: self.param_dim]
+        return self.mixed_at(params, v, k=min(k, max(self.steps - 1, 0)))
+
+    def mixed_at(self, params: Tensor, v: Tensor, *, k: int = 0) -> Tensor:
+        _, grads = engine.pullback(
+            self._loss(k),
+            lambda z, g, w: g,
+            params,
+            v[: self.param_dim],
+            self.param_dim,
+            self.meta,
+            want_state=False,
+        )
+        return self._flat_meta(grads)
 
     def apply_many(
         self, start: int, vectors: Tensor, *, chunk_size: int | None = None, vectorize: bool = True
@@ -212,9 +323,8 @@ class Record:
                 return batched
         return torch.stack([self.apply(start + r, vectors[r]) for r in range(n)])
 
-    def _batched(
-        self, entries: list[Snapshot | Kept], vectors: Tensor, chunk_size: int | None
-    ) -> Tensor | None:
+    def _stack(self, entries: list[Snapshot | Kept]) -> tuple[Any, ...] | None:
+        """``(fn, states, aux, batch, batch_dim)`` to vmap over, or ``None`` (loop instead)."""
         if not all(isinstance(e, Snapshot) for e in entries):
             return None  # kept graphs cannot be stacked
         snaps: list[Snapshot] = entries  # type: ignore[assignment]
@@ -237,81 +347,63 @@ class Record:
                 "stacked for vmap; the Hessian-vector products run one by one",
             )
             return None
-        step_map = self._step_map()
+        aux = tuple(torch.stack(col) for col in zip(*(e.aux for e in snaps), strict=True))
+        return losses[0].fn, _rows([e.z for e in snaps]), aux, stacked[0], stacked[1]
+
+    def _batched(
+        self, entries: list[Snapshot | Kept], vectors: Tensor, chunk_size: int | None
+    ) -> Tensor | None:
+        stacked = self._stack(entries)
+        if stacked is None:
+            return None
+        fn, states, aux, batch, batch_dim = stacked
+        meta = tuple(t.detach() for t in self.meta.loss)
         try:
             return engine.vjp_increment_many(
-                losses[0].fn,
-                step_map.delta,
-                _rows([e.z for e in snaps]),
-                tuple(torch.stack(col) for col in zip(*(e.aux for e in snaps), strict=True)),
-                stacked[0],
-                stacked[1],
+                lambda p, b: fn(p, b, meta),
+                self._step_map().delta,
+                states,
+                aux,
+                batch,
+                batch_dim,
                 vectors,
                 self.param_dim,
                 chunk_size=chunk_size,
             )
         except (RuntimeError, NotImplementedError, ValueError) as err:
-            first_line = str(err).splitlines()[0] if str(err) else ""
-            engine.warn_once(
-                type(err).__name__,
-                f"torch.func.vmap failed on this model ({type(err).__name__}: {first_line}); "
-                "the Hessian-vector products run one by one (same result, slower)",
-            )
+            _vmap_failed(err)
             return None
 
     def hvp(self, k: int, v: Tensor) -> Tensor:
         if k < self.steps:
             entry = self._entry(k)
             if isinstance(entry, Kept):
-                return _pull(entry.grads, entry.params, self.spec.split(v))
+                return pull(entry.grads, entry.params, self.spec.split(v))
         params = self.snapshot(k)[: self.param_dim]
         return self.hvp_at(params, v, k=min(k, max(self.steps - 1, 0)))
 
     def hvp_at(self, params: Tensor, v: Tensor, *, k: int = 0) -> Tensor:
-        return engine.hvp(self._loss(k), params, v)
+        return engine.hvp(_constant(self._loss(k)), params, v)
 
     def vector_field(self, params: Tensor, *, create_graph: bool = False) -> Tensor:
-        loss = self._loss(0)
+        loss = _constant(self._loss(0))
         with torch.enable_grad():
             leaf = params if create_graph else params.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(loss(leaf), leaf, create_graph=create_graph)
         return -grad
 
 
-def _rows(states: list[Tensor]) -> Tensor:
-    """``torch.stack(states)``, as a view when they are consecutive rows of one block."""
-    base = states[0]._base
-    if base is not None and base.dim() == 2 and all(z._base is base for z in states):
-        stride, first = base.stride(0), states[0].storage_offset() - base.storage_offset()
-        consecutive = all(
-            z.storage_offset() - states[0].storage_offset() == i * stride
-            for i, z in enumerate(states)
-        )
-        if consecutive and first % stride == 0:
-            return base[first // stride : first // stride + len(states)]
-    return torch.stack(states)
+def _constant(loss: StepLoss) -> Any:
+    """The loss with its meta-parameters as constants (detached): ``params -> loss``."""
+    meta = tuple(t.detach() for t in loss.meta)
+    return lambda params: loss(params, meta)
 
 
-def _pull(out: list[Tensor] | tuple[Tensor, ...], inputs: tuple[Tensor, ...], v: Any) -> Tensor:
-    grads = torch.autograd.grad(
-        out, inputs, v, retain_graph=True, allow_unused=True, materialize_grads=True
+def _vmap_failed(err: Exception) -> None:
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    engine.warn_once(
+        type(err).__name__,
+        f"torch.func.vmap failed on this model ({type(err).__name__}: {first_line}); "
+        "the Hessian-vector products run one by one (same result, slower)",
+        stacklevel=5,
     )
-    return torch.cat([g.reshape(-1) for g in grads])
-
-
-def _stack_batches(batches: list[Any]) -> tuple[Any, int | None] | None:
-    """``(batch, None)`` if all are one object; ``(stacked, 0)`` if they stack; else ``None``."""
-    if all(b is batches[0] for b in batches):
-        return batches[0], None
-    flat = [pytree.tree_flatten(b) for b in batches]
-    spec0 = flat[0][1]
-    if any(spec != spec0 for _, spec in flat):
-        return None
-    stacked = []
-    for column in zip(*(leaves for leaves, _ in flat), strict=True):
-        if not all(isinstance(t, Tensor) for t in column):
-            return None
-        if any(t.shape != column[0].shape for t in column):
-            return None
-        stacked.append(torch.stack(column))
-    return pytree.tree_unflatten(stacked, spec0), 0

@@ -38,12 +38,15 @@ __all__ = ["StepLoss"]
 
 
 class StepLoss:
-    """``fn(params_flat, batch)``: the inner loss of one step, replayable.
+    """``fn(params_flat, batch, meta)``: the inner loss of one step, replayable.
 
     Attributes:
-        fn: the loss as a function of flat params and the batch.
+        fn: the loss as a function of flat params, the batch and the loss's
+            meta-parameters (a tuple of tensors, e.g. fixed entries of ``params``).
         batch: this step's batch (any object).
         batchable: ``fn`` is a pure function of its arguments (can run under vmap).
+        meta: the meta-parameters ``fn`` gets in the forward (a replay may pass
+            detached copies instead, to differentiate them).
     """
 
     __slots__ = (
@@ -54,13 +57,22 @@ class StepLoss:
         "batch",
         "batchable",
         "fn",
+        "meta",
         "mutates",
     )
 
-    def __init__(self, fn: Callable[[Tensor, Any], Tensor], batch: Any, *, batchable: bool) -> None:
+    def __init__(
+        self,
+        fn: Callable[[Tensor, Any, tuple[Tensor, ...]], Tensor],
+        batch: Any,
+        *,
+        batchable: bool,
+        meta: tuple[Tensor, ...] = (),
+    ) -> None:
         self.fn = fn
         self.batch = batch
         self.batchable = batchable
+        self.meta = meta
         self.mutates = False
         self._rng: Tensor | None = None
         self._cuda_rng: Tensor | None = None
@@ -80,17 +92,17 @@ class StepLoss:
             watch: run under the write detector (the first step of a loop).
         """
         if not record:
-            return self.fn(params, self.batch)
+            return self.fn(params, self.batch, self.meta)
         device = params.device
         cuda = device.type == "cuda"
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(device) if cuda else None
         if watch:
             with _Watch() as w:
-                loss = self.fn(params, self.batch)
+                loss = self.fn(params, self.batch, self.meta)
             self.mutates = w.found
         else:
-            loss = self.fn(params, self.batch)
+            loss = self.fn(params, self.batch, self.meta)
         drew = not torch.equal(rng, torch.get_rng_state())
         if cuda and cuda_rng is not None:
             drew = drew or not torch.equal(cuda_rng, torch.cuda.get_rng_state(device))
@@ -98,10 +110,11 @@ class StepLoss:
             self._rng, self._cuda_rng, self._device = rng, cuda_rng, device
         return loss
 
-    def __call__(self, params: Tensor) -> Tensor:
-        """Replay at ``params``: same random draws, buffers untouched."""
+    def __call__(self, params: Tensor, meta: tuple[Tensor, ...] | None = None) -> Tensor:
+        """Replay at ``params`` (with ``meta`` for :attr:`meta`): same random draws,
+        buffers untouched."""
         with self.replaying():
-            return self.fn(params, self.batch)
+            return self.fn(params, self.batch, self.meta if meta is None else meta)
 
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:

@@ -23,7 +23,7 @@ taken as a constant.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optree
@@ -31,7 +31,12 @@ import torch
 import torchopt
 from torch import Tensor
 
-from torchopt_metagrad._core.checks import check_lr, check_lr_or_schedule
+from torchopt_metagrad._core.checks import (
+    check_lr,
+    check_lr_dict,
+    check_lr_or_schedule,
+    check_lr_tensor,
+)
 from torchopt_metagrad._core.flat import FlatSpec
 
 __all__ = [
@@ -39,6 +44,7 @@ __all__ = [
     "GradientDescent",
     "OptimizerStep",
     "StepMapFactory",
+    "learned_rate",
     "sgd_factory",
     "step_map_factory",
     "transformation_factory",
@@ -59,6 +65,15 @@ class AbstractStepMap(abc.ABC):
     dim: int
     proximal: float | None = None
     _anchor: Tensor | None = None
+
+    @property
+    def meta(self) -> tuple[Tensor, ...]:
+        """The step map's own meta-parameters (a learned lr) that require grad.
+
+        ``delta`` and ``advance`` take them as ``w`` (detached copies in a replay, so the
+        rules can differentiate them); ``()`` uses the tensors themselves.
+        """
+        return ()
 
     def _with_proximal(self, params: Tensor, grad: Tensor) -> Tensor:
         if self.proximal is None:
@@ -91,30 +106,72 @@ class AbstractStepMap(abc.ABC):
         """The next state ``(S(z), aux')`` given the inner-loss gradient ``grad`` at ``z``."""
 
     @abc.abstractmethod
-    def delta(self, z: Tensor, grad: Tensor, aux: Aux) -> Tensor:
-        """The increment ``S(z) - z``, computed without cancellation where possible."""
+    def delta(self, z: Tensor, grad: Tensor, aux: Aux, w: tuple[Tensor, ...] = ()) -> Tensor:
+        """The increment ``S(z) - z``, computed without cancellation where possible.
+
+        ``w`` stands in for :attr:`meta` when given (a replay's detached copies).
+        """
 
 
 class GradientDescent(AbstractStepMap):
-    r"""Plain gradient descent :math:`\phi_{k+1} = \phi_k - \alpha \nabla \ell_k(\phi_k)`."""
+    r"""Plain gradient descent :math:`\phi_{k+1} = \phi_k - \alpha_k \odot \nabla \ell_k(\phi_k)`.
 
-    def __init__(self, lr: float, param_dim: int, proximal: float | None = None) -> None:
-        self.lr = float(lr)
+    ``lr`` is a float, or a tensor (it may require grad: a learned learning rate): 0-dim
+    (one rate), shape ``(param_dim,)`` (one per parameter entry: Meta-SGD), or, with
+    ``per_step``, shape ``(steps,)`` (one per step: MAML++); a per-step map counts its
+    steps in ``aux``.
+    """
+
+    def __init__(
+        self,
+        lr: float | Tensor,
+        param_dim: int,
+        proximal: float | None = None,
+        *,
+        per_step: bool = False,
+    ) -> None:
+        self.lr = lr if isinstance(lr, Tensor) else float(lr)
+        self.per_step = per_step
         self.param_dim = self.dim = param_dim
         self.proximal = proximal
 
     @property
+    def meta(self) -> tuple[Tensor, ...]:
+        lr = self.lr
+        return (lr,) if isinstance(lr, Tensor) and lr.requires_grad else ()
+
+    @property
     def time_step(self) -> float | None:
-        return self.lr if self.proximal is None else None
+        lr = self.lr
+        if self.proximal is not None or self.per_step:
+            return None
+        if isinstance(lr, Tensor):
+            return None if lr.requires_grad or lr.dim() else float(lr)
+        return lr
 
     def init_state(self, theta: Tensor) -> tuple[Tensor, Aux]:
         self._set_anchor(theta)
-        return theta, ()
+        count = (torch.zeros((), dtype=torch.long, device=theta.device),)
+        return theta, count if self.per_step else ()
 
-    def delta(self, z: Tensor, grad: Tensor, aux: Aux) -> Tensor:
-        return self._with_proximal(z, grad) * (-self.lr)
+    def _rate(self, aux: Aux, w: tuple[Tensor, ...]) -> float | Tensor:
+        lr = w[0] if w else self.lr
+        if self.per_step:
+            return torch.gather(lr, 0, aux[0].reshape(1)).reshape(())  # type: ignore[arg-type]
+        return lr
+
+    def delta(self, z: Tensor, grad: Tensor, aux: Aux, w: tuple[Tensor, ...] = ()) -> Tensor:
+        return self._with_proximal(z, grad) * (-self._rate(aux, w))
 
     def advance(self, z: Tensor, grad: Tensor, aux: Aux) -> tuple[Tensor, Aux]:
+        if self.per_step:
+            k, n = int(aux[0]), self.lr.shape[0]  # type: ignore[union-attr]
+            if k >= n:
+                raise ValueError(
+                    f"lr has {n} per-step entries, but inner step {k} (counting from 0) needs "
+                    "one more; give one learning rate per inner step"
+                )
+            return z + self.delta(z, grad, aux), (aux[0] + 1,)
         # Same floating-point operations as torchopt.sgd + apply_updates: p + g * (-lr).
         return z + self.delta(z, grad, aux), aux
 
@@ -187,7 +244,7 @@ class OptimizerStep(AbstractStepMap):
         updates, floats, ints = self._update(z, grad, aux)
         return torch.cat([z[: self.param_dim] + updates, *floats]), ints
 
-    def delta(self, z: Tensor, grad: Tensor, aux: Aux) -> Tensor:
+    def delta(self, z: Tensor, grad: Tensor, aux: Aux, w: tuple[Tensor, ...] = ()) -> Tensor:
         updates, floats, _ = self._update(z, grad, aux)
         if not floats:
             return updates
@@ -202,8 +259,41 @@ def _is_transformation(obj: Any) -> bool:
     return callable(getattr(obj, "init", None)) and callable(getattr(obj, "update", None))
 
 
-def _plain(lr: float) -> StepMapFactory:
-    return lambda spec, proximal: GradientDescent(lr, spec.numel, proximal)
+def _plain(lr: Any, steps: int | None = None) -> StepMapFactory:
+    if not isinstance(lr, (Tensor, Mapping)):
+        rate = float(lr)
+        return lambda spec, proximal: GradientDescent(rate, spec.numel, proximal)
+
+    def make(spec: FlatSpec, proximal: float | None) -> AbstractStepMap:
+        rate, per_step = learned_rate(lr, spec, steps)
+        return GradientDescent(rate, spec.numel, proximal, per_step=per_step)
+
+    return make
+
+
+def learned_rate(lr: Any, spec: FlatSpec, steps: int | None) -> tuple[Tensor, bool]:
+    """A tensor ``lr`` (or a dict of them) as ``(rate, per_step)`` for :class:`GradientDescent`.
+
+    A dict ``{name: tensor}`` (one rate per parameter entry, each tensor shaped like its
+    parameter or 0-dim) becomes one flat vector, built here with grad enabled so the
+    meta-gradient reaches the dict's tensors.
+    """
+    if isinstance(lr, Mapping):
+        check_lr_dict(lr, spec.names, spec.shapes)
+        with torch.enable_grad():
+            flat = torch.cat(
+                [
+                    lr[n].to(spec.dtype).expand(s).reshape(-1)
+                    for n, s in zip(spec.names, spec.shapes, strict=True)
+                ]
+            )
+        rate, per_step = flat, False
+    else:
+        check_lr_tensor(lr, steps)
+        rate, per_step = lr, lr.dim() == 1
+    if rate.device != spec.device:
+        raise ValueError(f"lr is on {rate.device} but the parameters are on {spec.device}")
+    return rate, per_step
 
 
 def _transformation(impl: Any) -> StepMapFactory:
@@ -211,19 +301,21 @@ def _transformation(impl: Any) -> StepMapFactory:
 
 
 def step_map_factory(
-    lr: Any = None, optimizer: Any = None
+    lr: Any = None, optimizer: Any = None, *, steps: int | None = None
 ) -> tuple[StepMapFactory, Any, list[Tensor] | None]:
     """The one place that turns an inner optimizer into a step map.
 
-    Accepts a plain learning rate (``lr``: gradient descent), a torchopt functional
+    Accepts a plain learning rate (``lr``: gradient descent; a float, or a tensor or dict
+    of tensors, see :func:`learned_rate`: a learned rate, differentiated by the rules;
+    ``steps`` checks a per-step rate's length), a torchopt functional
     optimizer (``GradientTransformation``: its float state joins the differentiated
     state), or a ``torch.optim.SGD`` / ``Adam`` (translated to torchopt's; plain SGD
     becomes gradient descent, so the flow rules apply).
 
     Returns:
         ``(factory, torchopt_impl, tensors)``: the step-map factory, the equivalent
-        torchopt optimizer, and the tensors a ``torch.optim`` optimizer holds (``None``
-        otherwise).
+        torchopt optimizer (``None`` for a tensor lr), and the tensors a ``torch.optim``
+        optimizer holds (``None`` otherwise).
 
     Raises:
         TypeError, ValueError: naming ``lr`` or ``optimizer``.
@@ -236,6 +328,8 @@ def step_map_factory(
     if optimizer is None:
         if lr is None:
             raise TypeError("lr is required (the inner step size) unless optimizer is given")
+        if isinstance(lr, (Tensor, Mapping)):
+            return _plain(lr, steps), None, None
         rate = check_lr(lr)
         return _plain(rate), torchopt.sgd(rate), None
     if _is_transformation(optimizer):
@@ -283,7 +377,21 @@ def sgd_factory(
     nesterov: bool,
     maximize: bool,
 ) -> tuple[StepMapFactory, Any]:
-    """``torchopt.MetaSGD``'s arguments as a step map: plain descent when it is one."""
+    """``torchopt.MetaSGD``'s arguments as a step map: plain descent when it is one.
+
+    A tensor (or dict of tensors) ``lr`` is a learned rate: plain descent only.
+    """
+    if isinstance(lr, (Tensor, Mapping)):
+        extras = dict(momentum=momentum, weight_decay=weight_decay, dampening=dampening)
+        used = [k for k, v in extras.items() if v] + [
+            k for k, v in (("nesterov", nesterov), ("maximize", maximize)) if v
+        ]
+        if used:
+            raise ValueError(
+                f"a tensor lr (a learned learning rate) works with plain gradient descent only; "
+                f"drop {', '.join(used)} or give a float lr"
+            )
+        return _plain(lr), None
     rate = check_lr_or_schedule(lr)
     plain = not callable(lr) and momentum == 0 and weight_decay == 0 and not maximize
     if plain and not nesterov:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from torchopt_metagrad._core.checks import check_params
+from torchopt_metagrad._core.needs import Needs
 from torchopt_metagrad._core.steps import step_map_factory
 from torchopt_metagrad.functional import adapt, run_loop
 from torchopt_metagrad.rules import AbstractRule, Exact
@@ -49,7 +50,14 @@ def _record_iterates(
     factory, _, _ = step_map_factory(lr)
     theta = spec.flatten([p.detach() for p in params.values()])
     step_map = factory(spec, None)
-    loop = run_loop(loss_fn, spec, theta, step_map, [batch] * steps, first_needed=lambda n: 0)
+    loop = run_loop(
+        loss_fn,
+        spec,
+        theta,
+        step_map,
+        [batch] * steps,
+        needs=lambda n, meta: Needs(snapshots_from=0),
+    )
     record = loop.record()
     return [
         {k: v.detach() for k, v in spec.unflatten(record.snapshot(k)).items()}

@@ -56,7 +56,10 @@ class Session:
         needs = rule.needs(1)
         self.step_map = make_step_map(self.spec, needs.proximal)
         self._offers = Offers(
-            owner, per_step_batches=False, flow_samples=self.step_map.time_step is not None
+            owner,
+            per_step_batches=False,
+            flow_samples=self.step_map.time_step is not None,
+            step_meta=bool(self.step_map.meta),
         )
         check_fit(rule, needs, self._offers)
         self.unrolled = needs.graph
@@ -64,9 +67,10 @@ class Session:
             self.spec,
             self.step_map,
             self.spec.flatten(self.theta),
-            first_needed=lambda n: rule.needs(n).snapshots_from,
+            needs=lambda n, meta: rule.needs(n, meta=meta),
             unrolled=self.unrolled,
             what="the training loss",
+            rule_name=type(rule).__name__,
         )
         self.recorded_closures = False
         self._handed: list[weakref.ref[Record]] = []
@@ -118,7 +122,7 @@ class Session:
             with torch.enable_grad():
                 value = closure() if closure is not None else loss
             what = "the closure's return value" if closure is not None else None
-            self.loop.step_on(value, self.current, keep_graph=True, what=what)  # type: ignore[arg-type]
+            self.loop.step_on(value, self.current, keep_graph=_always, what=what)  # type: ignore[arg-type]
             self._put(self.spec.split(self.loop.params))
             return
         if closure is not None:
@@ -127,11 +131,14 @@ class Session:
                 closure_loss(closure, self.slots, self.spec), what="the closure's return value"
             )
         else:
-            self.loop.step_on(loss, self.current, keep_graph=needs.step_jacobians)  # type: ignore[arg-type]
+            keep = lambda meta: self.rule.needs(self.steps + 1, meta=meta).step_jacobians  # noqa: E731
+            self.loop.step_on(loss, self.current, keep_graph=keep)  # type: ignore[arg-type]
             self._release_chain()
         record = self.loop.record()
         self._handed.append(weakref.ref(record))
-        self._put(list(Link.apply(record, self.rule, self.owner, *self.theta)))
+        self._put(
+            list(Link.apply(record, self.rule, self.owner, *self.theta, *record.meta.tensors))
+        )
 
     def _release_chain(self) -> None:
         """Release earlier nodes' records when the rule dropped steps (kept graphs only)."""
@@ -153,3 +160,7 @@ class Session:
         self.slots.write(outputs)
         self.current = outputs
         self._versions = [t._version for t in outputs]
+
+
+def _always(meta: bool) -> bool:
+    return True

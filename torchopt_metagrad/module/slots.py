@@ -119,7 +119,7 @@ def closure_loss(closure: Callable[[], Any], slots: Slots, spec: FlatSpec) -> St
     modes = tuple(m.training for m in slots.modules)
     calls = 0
 
-    def fn(params: Tensor, batch: Any) -> Tensor:
+    def fn(params: Tensor, batch: Any, meta: tuple[Tensor, ...]) -> Tensor:
         nonlocal calls
         calls += 1
         replay = calls > 1  # the first call is the forward evaluation

@@ -69,8 +69,12 @@ class AbstractRule(abc.ABC):
     name: ClassVar[str] = ""
 
     @abc.abstractmethod
-    def needs(self, steps: int) -> Needs:
-        """What must be recorded for a meta-gradient after ``steps`` inner steps."""
+    def needs(self, steps: int, *, meta: bool = False) -> Needs:
+        """What must be recorded for a meta-gradient after ``steps`` inner steps.
+
+        ``meta``: the inner loop has meta-parameters besides the parameters (a learned
+        lr, fixed params, closed-over tensors) whose meta-gradients the rule computes.
+        """
 
     def validate(self, steps: int) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` if the knobs do not fit ``steps`` inner steps."""
@@ -95,8 +99,9 @@ class StepProductRule(AbstractRule):
         """First inner step whose Jacobian the rule applies (``steps``: none)."""
         return 0
 
-    def needs(self, steps: int) -> Needs:
-        first = self.first_step(steps)
+    def needs(self, steps: int, *, meta: bool = False) -> Needs:
+        # Meta-parameters enter every step: sum_k B_k^T v_{k+1} needs every step's state.
+        first = 0 if meta else self.first_step(steps)
         return Needs(snapshots_from=first, step_jacobians=first < steps)
 
 
@@ -118,10 +123,22 @@ class FixedPointRule(AbstractRule):
     def __post_init__(self) -> None:
         check_positive(self.reg, "reg")
 
-    def needs(self, steps: int) -> Needs:
+    def needs(self, steps: int, *, meta: bool = False) -> Needs:
         return Needs(
-            snapshots_from=steps, curvature=True, proximal=float(self.reg), per_step_batches=False
+            snapshots_from=steps,
+            curvature=True,
+            proximal=float(self.reg),
+            per_step_batches=False,
+            step_meta=False,
         )
+
+    def meta_part(self, record: RecordProtocol, x: Tensor) -> Tensor | None:
+        r"""The inner loss's meta-parameters' hypergradient given the solve's ``x``:
+        :math:`-\frac1r (\partial^2 \ell / \partial w\,\partial\phi)^\top x` at the final
+        params (``None`` without meta-parameters)."""
+        if not record.meta_dim:
+            return None
+        return record.mixed(record.num_steps, x) * (-1.0 / float(self.reg))
 
     def operator(self, record: RecordProtocol) -> Callable[[Tensor], Tensor]:
         """``v -> (I + H/reg) v`` with ``H`` the inner loss's Hessian at the final params."""
@@ -133,15 +150,25 @@ class FixedPointRule(AbstractRule):
 class FlowRule(AbstractRule):
     r"""Rules on the inner gradient flow :math:`\dot u = -\nabla \ell(u)` (A-MAML)."""
 
-    def needs(self, steps: int) -> Needs:
-        return Needs(snapshots_from=0, curvature=True, flow=True, per_step_batches=False)
+    def needs(self, steps: int, *, meta: bool = False) -> Needs:
+        return Needs(
+            snapshots_from=0,
+            curvature=True,
+            flow=True,
+            per_step_batches=False,
+            step_meta=False,
+            meta_params=self.flow_meta_params,
+        )
+
+    #: whether the rule integrates the meta-parameters' adjoint term (override to True)
+    flow_meta_params: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
 class GraphRule(AbstractRule):
     """Rules that differentiate through the kept unrolled graph (no record)."""
 
-    def needs(self, steps: int) -> Needs:
+    def needs(self, steps: int, *, meta: bool = False) -> Needs:
         return Needs(snapshots_from=steps, graph=True)
 
     def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor | Estimate:

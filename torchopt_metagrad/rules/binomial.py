@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 from torch import Tensor
 
 from torchopt_metagrad.rules.base import (
+    Estimate,
     RecordProtocol,
     StepProductRule,
     check_order,
@@ -37,6 +39,11 @@ class Binomial(StepProductRule):
     the ``K-L+1`` products :math:`w_i = A_i s_{m-1}^{(i+1)}`,
     :math:`i \in [L-m, K-m]`, at different snapshots, all independent, so they
     are one batched (``vmap``) call; the estimate is :math:`s_L^{(0)}`.
+
+    Meta-parameters ``w`` (a learned lr, a frozen body, ...; :math:`B_k = \partial S_k /
+    \partial w`) get :math:`\sum_k B_k^\top \hat v_{k+1}` with :math:`\hat v_j =
+    s_L^{(j)}`, the degree-:math:`\le L` partial sum of the product from step ``j`` (exact
+    for the last ``L`` steps): one more batched call of K VJPs.
 
     Bias: exact when ``order == steps``; ``order == 0`` is first-order MAML; the
     dropped terms are :math:`O(\alpha^{L+1})`. Cost: ``order * (K-order+1)``
@@ -84,19 +91,34 @@ class Binomial(StepProductRule):
     def first_step(self, steps: int) -> int:
         return 0 if self.order > 0 else steps
 
-    def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor:
+    def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor | Estimate:
         K, L = record.num_steps, self.order
         if L == 0:
-            return g
+            if not record.meta_dim:
+                return g
+            return Estimate(g, meta=self._meta(record, g.expand(K, *g.shape)))
         # prev[r] = s_{m-1}^{(j)} for j = L - m + 1 + r; at m = 1 that is j in [L, K].
         prev = g.expand(K - L + 1, *g.shape)
+        exact = [g]  # s_m^{(K-m)} = v_{K-m} exactly (all m steps' terms), m = 0..L-1
         for m in range(1, L + 1):
             lo = L - m  # this stage's products are w_i, i in [L - m, K - m]
             w = record.apply_many(lo, prev, chunk_size=self.chunk_size, vectorize=self.vectorize)
             ensure_finite(w, partial(_where, w, m, lo))
             # s_m^{(j)} = s_{m-1}^{(K-m+1)} + sum_{i=j}^{K-m} w_i  for j in [L - m, K - m]
             prev = prev[-1] + w.flip(0).cumsum(0).flip(0)
-        return prev[0]
+            if m < L:
+                exact.append(prev[-1])
+        if not record.meta_dim:
+            return prev[0]
+        # v_hat_j = s_L^{(j)}: prev[j] for j in [1, K - L], then v_{K-L+1..K} exactly.
+        adjoints = torch.cat([prev[1:], torch.stack(exact[::-1])])
+        return Estimate(prev[0], meta=self._meta(record, adjoints))
+
+    def _meta(self, record: RecordProtocol, adjoints: Tensor) -> Tensor:
+        """``sum_k B_k^T adjoints[k]`` (``adjoints[k]`` estimates ``v_{k+1}``)."""
+        return record.meta_pullback_many(
+            0, adjoints, chunk_size=self.chunk_size, vectorize=self.vectorize
+        )
 
 
 def _where(w: Tensor, m: int, lo: int) -> str:

@@ -52,6 +52,12 @@ class ImplicitCG(FixedPointRule):
     solved by conjugate gradient (``torchopt.linalg.cg``) with Hessian-vector
     products at the final inner parameters, warm-started at ``g``.
 
+    Meta-parameters of the inner loss ``w`` (fixed params, a loss hyperparameter) get
+    the implicit-function-theorem hypergradient :math:`-\frac1r
+    (\partial^2 \ell / \partial w\, \partial\phi)^\top x` with ``x`` the CG solution
+    (what ``torchopt.diff.implicit.custom_root(argnums=...)`` computes); a learned lr is
+    refused (the solution does not depend on it).
+
     Bias: exact only when the inner loop reaches the proximal minimizer and CG
     converges; independent of the inner optimizer and of the number of steps.
     Cost: ``maxiter`` HVPs at most plus one to report the true residual; memory
@@ -100,4 +106,4 @@ class ImplicitCG(FixedPointRule):
                 SolverWarning,
                 stacklevel=2,
             )
-        return Estimate(x, info)
+        return Estimate(x, info, self.meta_part(record, x))

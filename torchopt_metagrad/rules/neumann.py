@@ -104,7 +104,7 @@ class ImplicitNeumann(FixedPointRule):
                 SolverWarning,
                 stacklevel=2,
             )
-        return Estimate(total, info)
+        return Estimate(total, info, self.meta_part(record, total))
 
 
 def _where(j: int) -> str:

@@ -8,6 +8,7 @@ from functools import partial
 from torch import Tensor
 
 from torchopt_metagrad.rules.base import (
+    Estimate,
     RecordProtocol,
     StepProductRule,
     check_order,
@@ -18,13 +19,29 @@ from torchopt_metagrad.rules.base import (
 __all__ = ["Exact", "Truncated"]
 
 
-def _backward_product(record: RecordProtocol, g: Tensor, first: int) -> Tensor:
-    """``(I + A_first) ... (I + A_{K-1}) g``, last factor first, one product at a time."""
+def _backward_product(record: RecordProtocol, g: Tensor, first: int) -> Tensor | Estimate:
+    """``(I + A_first) ... (I + A_{K-1}) g``, last factor first, one product at a time.
+
+    With meta-parameters, the same VJPs give ``B_k^T v_{k+1}`` for ``k >= first``; the
+    steps before ``first`` (whose factors are taken as the identity) add
+    ``B_k^T v_first``, in one batched call.
+    """
     v = g
+    meta = None
     for k in reversed(range(first, record.num_steps)):
-        v = v + record.apply(k, v)
+        if record.meta_dim:
+            a, b = record.pullback(k, v)
+            meta = b if meta is None else meta + b
+            v = v + a  # type: ignore[operator]
+        else:
+            v = v + record.apply(k, v)
         ensure_finite(v, partial(_where, k, first, record.num_steps))
-    return v
+    if not record.meta_dim:
+        return v
+    if first > 0:
+        early = record.meta_pullback_many(0, v.expand(first, *v.shape))
+        meta = early if meta is None else meta + early
+    return Estimate(v, meta=meta)
 
 
 def _where(k: int, first: int, steps: int) -> str:
@@ -38,8 +55,14 @@ class Truncated(StepProductRule):
 
     .. math:: \widehat{\nabla}_\theta L = (I - \alpha H_{K-L}) \cdots (I - \alpha H_{K-1})\, g
 
+    Meta-parameters ``w`` (a learned lr, a frozen body, ...; :math:`B_k = \partial S_k /
+    \partial w`) get :math:`\sum_k B_k^\top \hat v_{k+1}` with the exact adjoints for the
+    last ``L`` steps and, before them, the dropped factors taken as the identity
+    (:math:`\hat v_j = v_{K-L}` for :math:`j < K-L`), as for :math:`\theta`.
+
     Bias: exact when ``order == steps``. Cost: ``order`` serial HVPs, snapshots of
-    the last ``order`` steps (O(L d)), one HVP graph alive at a time.
+    the last ``order`` steps (O(L d)), one HVP graph alive at a time; with
+    meta-parameters, a snapshot per step and one batched call of ``K - L`` VJPs more.
 
     Args:
         order: number of final inner steps ``L`` to differentiate through (0..steps).
@@ -56,7 +79,7 @@ class Truncated(StepProductRule):
     def first_step(self, steps: int) -> int:
         return max(steps - self.order, 0)
 
-    def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor:
+    def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor | Estimate:
         return _backward_product(record, g, record.num_steps - self.order)
 
 
@@ -67,11 +90,14 @@ class Exact(StepProductRule):
 
     .. math:: \nabla_\theta L = (I - \alpha H_0) \cdots (I - \alpha H_{K-1})\, g
 
+    Meta-parameters ``w`` get the exact :math:`\sum_k B_k^\top v_{k+1}` from the same
+    VJPs (:math:`B_k = \partial S_k / \partial w`).
+
     Bias: none (equals ``Unrolled`` to round-off). Cost: K serial HVPs, each
     rebuilt from the stored snapshot, so memory is K flat snapshots (O(K d)) plus
     one step's graph, instead of the K graphs that unrolled backprop keeps alive;
     time is about one extra inner-loss gradient per step.
     """
 
-    def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor:
+    def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor | Estimate:
         return _backward_product(record, g, 0)

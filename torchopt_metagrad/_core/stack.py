@@ -1,0 +1,43 @@
+"""Stacking for vmap: consecutive snapshot rows as one view, per-step batches as one batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+__all__ = ["rows", "stack_batches"]
+
+
+def rows(states: list[Tensor]) -> Tensor:
+    """``torch.stack(states)``, as a view when they are consecutive rows of one block."""
+    base = states[0]._base
+    if base is not None and base.dim() == 2 and all(z._base is base for z in states):
+        stride, first = base.stride(0), states[0].storage_offset() - base.storage_offset()
+        consecutive = all(
+            z.storage_offset() - states[0].storage_offset() == i * stride
+            for i, z in enumerate(states)
+        )
+        if consecutive and first % stride == 0:
+            return base[first // stride : first // stride + len(states)]
+    return torch.stack(states)
+
+
+def stack_batches(batches: list[Any]) -> tuple[Any, int | None] | None:
+    """``(batch, None)`` if all are one object; ``(stacked, 0)`` if they stack; else ``None``."""
+    if all(b is batches[0] for b in batches):
+        return batches[0], None
+    flat = [pytree.tree_flatten(b) for b in batches]
+    spec0 = flat[0][1]
+    if any(spec != spec0 for _, spec in flat):
+        return None
+    stacked = []
+    for column in zip(*(leaves for leaves, _ in flat), strict=True):
+        if not all(isinstance(t, Tensor) for t in column):
+            return None
+        if any(t.shape != column[0].shape for t in column):
+            return None
+        stacked.append(torch.stack(column))
+    return pytree.tree_unflatten(stacked, spec0), 0
