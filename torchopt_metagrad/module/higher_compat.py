@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import numbers
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from torchopt_metagrad._core.steps import step_map_factory
@@ -51,6 +52,7 @@ def innerloop_ctx(
     *,
     rule: AbstractRule,
     copy_initial_weights: bool = False,
+    override: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[nn.Module, DifferentiableOptimizer]]:
     """A ``higher.innerloop_ctx`` replacement whose meta-gradient comes from ``rule``.
 
@@ -84,11 +86,19 @@ def innerloop_ctx(
         rule: how to compute the meta-gradient, e.g. ``tmg.Exact()``.
         copy_initial_weights: start from detached copies of the weights (``higher``'s
             default), so no meta-gradient reaches ``model``.
+        override: ``higher``'s hyperparameter override; ``{"lr": value}`` or
+            ``{"lr": [value]}`` (one param group), with ``value`` a float or a tensor (a
+            learned learning rate: 0-dim, one per step, or a dict ``{name: tensor}`` over
+            the adapted parameters' names), which gets its meta-gradient under ``rule``.
+            Plain SGD only (``opt`` a float or a ``torch.optim.SGD`` without momentum,
+            weight decay, nesterov or maximize).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_rule(rule)
     make_step_map, impl, adapted = _from_inner_opt(opt)
+    if override is not None:
+        make_step_map, impl = _override(override, opt)
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     include = None
     if adapted is not None:
@@ -134,6 +144,35 @@ def _close(fmodel: nn.Module, inner: MetaOptimizer) -> None:
             )
 
     fmodel.register_forward_pre_hook(closed)
+
+
+def _override(override: Any, opt: Any) -> tuple[Any, Any]:
+    """The step map of plain SGD with ``override["lr"]`` (a float or a learned tensor)."""
+    if not isinstance(override, Mapping):
+        raise TypeError(f"override must be a dict such as {{'lr': [lr]}}, got {override!r}")
+    unknown = sorted(set(override) - {"lr"})
+    if unknown:
+        raise ValueError(f"override supports 'lr' only, got {unknown}")
+    lr = override.get("lr")
+    if isinstance(lr, (list, tuple)):
+        if len(lr) != 1:
+            raise ValueError(
+                f"override['lr'] has {len(lr)} entries; give one (one param group is supported)"
+            )
+        lr = lr[0]
+    plain = isinstance(opt, numbers.Real) or (
+        isinstance(opt, torch.optim.SGD)
+        and len(opt.param_groups) == 1
+        and not any(opt.param_groups[0].get(k) for k in ("momentum", "weight_decay", "nesterov"))
+        and not opt.param_groups[0].get("maximize")
+    )
+    if not plain:
+        raise ValueError(
+            "override={'lr': ...} works with plain SGD only (opt a float or a torch.optim.SGD "
+            f"without momentum, weight decay, nesterov or maximize), got {type(opt).__name__}"
+        )
+    make, impl, _ = step_map_factory(lr=lr)
+    return make, impl
 
 
 def _from_inner_opt(opt: Any) -> Any:

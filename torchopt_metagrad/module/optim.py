@@ -50,7 +50,7 @@ restoring keeps its last inner loop alive.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torchopt
@@ -226,9 +226,18 @@ class MetaSGD(MetaOptimizer):
     which every rule supports (``Adjoint`` needs it); otherwise it is ``torchopt.sgd``
     with the optimizer state (momentum) in the differentiated state.
 
+    A tensor ``lr`` is a learned learning rate (plain descent only): 0-dim, one per step
+    (shape ``(steps,)``, MAML++), or a dict ``{name: tensor}`` over ``module``'s
+    parameter names, each shaped like its parameter or 0-dim (Meta-SGD); those that
+    require grad get their meta-gradient under ``rule``.
+
+    Parameters of a larger network that the training loss uses but ``module`` does not
+    hold (``tmg.MetaSGD(net.head, ...)``: the body) are found at the first step and get
+    their meta-gradient through the inner loop too, as with torchopt and ``higher``.
+
     Args:
         module: the network whose parameters are adapted.
-        lr: step size > 0 (or a torchopt schedule).
+        lr: step size > 0 (or a torchopt schedule), or a learned rate (tensor or dict).
         rule: how to compute the meta-gradient, e.g. ``tmg.Exact()``.
         momentum, weight_decay, dampening, nesterov, maximize: as ``torchopt.sgd``.
         moment_requires_grad: accepted for compatibility with ``torchopt.MetaSGD``; no
@@ -238,7 +247,7 @@ class MetaSGD(MetaOptimizer):
     def __init__(
         self,
         module: nn.Module,
-        lr: float | Callable[..., Any],
+        lr: float | Callable[..., Any] | Tensor | Mapping[str, Tensor],
         *,
         rule: AbstractRule,
         momentum: float = 0.0,
