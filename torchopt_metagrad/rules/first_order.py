@@ -25,8 +25,8 @@ class FirstOrder(StepProductRule):
     meta-gradient is exact).
 
     Bias: exact only when every step Jacobian is the identity. Cost: no HVPs, no
-    snapshots, O(d) memory; with meta-parameters, a snapshot per step and one batched
-    call of K VJPs. Equals ``Binomial(0)`` and ``Truncated(0)``.
+    snapshots, O(d) memory; with meta-parameters, a snapshot per step (O(K d)) and K
+    VJPs, one graph alive at a time. Equals ``Binomial(0)`` and ``Truncated(0)``.
 
     Reference: Finn et al., "Model-Agnostic Meta-Learning", ICML 2017.
     """
@@ -38,4 +38,6 @@ class FirstOrder(StepProductRule):
         if not record.meta_dim:
             return g
         K = record.num_steps
-        return Estimate(g, meta=record.meta_pullback_many(0, g.expand(K, *g.shape)))
+        # One VJP graph at a time (a batched call would hold K graphs at once).
+        early = record.meta_pullback_many(0, g.expand(K, *g.shape), vectorize=False)
+        return Estimate(g, meta=early)

@@ -24,7 +24,7 @@ def _backward_product(record: RecordProtocol, g: Tensor, first: int) -> Tensor |
 
     With meta-parameters, the same VJPs give ``B_k^T v_{k+1}`` for ``k >= first``; the
     steps before ``first`` (whose factors are taken as the identity) add
-    ``B_k^T v_first``, in one batched call.
+    ``B_k^T v_first``, also one VJP graph alive at a time.
     """
     v = g
     meta = None
@@ -39,7 +39,7 @@ def _backward_product(record: RecordProtocol, g: Tensor, first: int) -> Tensor |
     if not record.meta_dim:
         return v
     if first > 0:
-        early = record.meta_pullback_many(0, v.expand(first, *v.shape))
+        early = record.meta_pullback_many(0, v.expand(first, *v.shape), vectorize=False)
         meta = early if meta is None else meta + early
     return Estimate(v, meta=meta)
 
@@ -62,7 +62,7 @@ class Truncated(StepProductRule):
 
     Bias: exact when ``order == steps``. Cost: ``order`` serial HVPs, snapshots of
     the last ``order`` steps (O(L d)), one HVP graph alive at a time; with
-    meta-parameters, a snapshot per step and one batched call of ``K - L`` VJPs more.
+    meta-parameters, a snapshot per step (O(K d)) and ``K - L`` VJPs more.
 
     Args:
         order: number of final inner steps ``L`` to differentiate through (0..steps).
