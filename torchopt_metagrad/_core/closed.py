@@ -36,7 +36,9 @@ def closed_over(outputs: Sequence[Tensor], stop: Sequence[Tensor]) -> list[Tenso
     stop_edges = {(t.grad_fn, t.output_nr) for t in stop if t.grad_fn is not None}
     found: dict[int, Tensor] = {}
     seen: set[torch.autograd.graph.Node] = set()
-    stack = [(t.grad_fn, t.output_nr) for t in outputs if t.grad_fn is not None]
+    stack: list[tuple[torch.autograd.graph.Node | None, int]] = [
+        (t.grad_fn, t.output_nr) for t in outputs if t.grad_fn is not None
+    ]
     while stack:
         node, nr = stack.pop()
         if node is None or (node, nr) in stop_edges or node in seen:
