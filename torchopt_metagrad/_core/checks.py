@@ -135,10 +135,9 @@ def check_params(params: Any, name: str = "params") -> FlatSpec:
             raise TypeError(f"{name}[{key!r}] must be floating point, got dtype {t.dtype}")
         if not t.requires_grad:
             raise ValueError(
-                f"{name}[{key!r}] does not require grad; pass only the tensors to adapt "
-                "(requires_grad=True). A tensor that loss_fn closes over and that requires "
-                "grad gets no meta-gradient from a snapshot rule: pass it in params, or make "
-                "it a constant with .detach()"
+                f"{name}[{key!r}] does not require grad; the adapted tensors must "
+                "(requires_grad=True). To hold some entries fixed, name the adapted ones "
+                "with adapt=[...]"
             )
         if first is None:
             first = t
