@@ -7,7 +7,7 @@ tasks at once (the forward under ``torch.func.vmap``) and keeps no graph across 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,10 +43,11 @@ def adaptation_curve(
     support: tuple[Tensor, Tensor],
     query: tuple[Tensor, Tensor],
     *,
-    lr: float,
+    lr: float | Tensor | Mapping[str, Tensor],
     eval_steps: Sequence[int],
     metric: Metric = mse,
     train_loss: Metric = mse,
+    adapt: Sequence[str] | None = None,
 ) -> Tensor:
     """Metric on each task's query set after each number of GD steps in ``eval_steps``.
 
@@ -55,10 +56,15 @@ def adaptation_curve(
         support: ``(x, y)`` stacked over tasks, ``(n_tasks, shots, ...)``: what each
             task trains on.
         query: ``(x, y)`` stacked over tasks: what each task is evaluated on.
-        lr: gradient-descent step size.
+        lr: gradient-descent step size, as ``tmg.adapt`` takes it: a float, a 0-dim
+            tensor, a ``(K,)`` tensor of per-step rates (steps past K use the last one),
+            or ``{name: tensor}`` per adapted parameter (each shaped like it, or 0-dim).
+            Tensors are detached (no meta-gradient here).
         eval_steps: step counts at which to evaluate (0: the initialization itself).
         metric: per-task evaluation metric.
         train_loss: per-task training loss.
+        adapt: the names of the parameters that adapt (default: all); the others stay
+            at the model's values (ANIL's body).
 
     Returns:
         ``(n_tasks, len(eval_steps))`` tensor of metric values.
@@ -70,6 +76,7 @@ def adaptation_curve(
     leaves = {
         k: v.detach().unsqueeze(0).expand(n, *v.shape).clone() for k, v in model.named_parameters()
     }
+    names = list(leaves) if adapt is None else list(adapt)
     forward = torch.func.vmap(lambda p, x: torch.func.functional_call(model, p, (x,)))
     per_task_loss = torch.func.vmap(train_loss)
     per_task_metric = torch.func.vmap(metric)
@@ -84,10 +91,24 @@ def adaptation_curve(
             # to task i's copy of the parameters is task i's own gradient (measured ~5x
             # faster on CPU than vmap over torch.func.grad).
             with torch.enable_grad():
-                params = {k: v.requires_grad_(True) for k, v in leaves.items()}
+                params = {k: v.requires_grad_(k in names) for k, v in leaves.items()}
                 loss = per_task_loss(forward(params, xs), ys).sum()
-                grads = torch.autograd.grad(loss, list(params.values()))
-            leaves = {
-                k: (v - lr * g).detach() for (k, v), g in zip(params.items(), grads, strict=True)
-            }
+                grads = torch.autograd.grad(loss, [params[k] for k in names])
+            rates = _rates(lr, names, step)
+            leaves = {k: v.detach() for k, v in params.items()}
+            for k, g in zip(names, grads, strict=True):
+                leaves[k] = (leaves[k] - rates[k] * g).detach()
     return torch.stack([found[int(s)] for s in eval_steps], dim=1)
+
+
+def _rates(
+    lr: float | Tensor | Mapping[str, Tensor], names: Sequence[str], step: int
+) -> dict[str, Any]:
+    """The step size of each adapted parameter at inner step ``step``."""
+    if isinstance(lr, Mapping):
+        return {k: lr[k].detach() for k in names}
+    if isinstance(lr, Tensor):
+        lr = lr.detach()
+        if lr.dim() == 1:  # per step; past the learned horizon, the last rate
+            lr = lr[min(step, lr.shape[0] - 1)]
+    return {k: lr for k in names}

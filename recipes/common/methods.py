@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,25 +183,36 @@ def task_direction(
     task: tuple[Any, Any],
     *,
     steps: int,
-    lr: float,
+    lr: float | Tensor | Mapping[str, Tensor],
     scale: float,
+    adapt: Sequence[str] | None = None,
 ) -> TaskStats:
     """Add ``scale`` times one task's outer direction to ``.grad`` of ``params``.
 
     For a rule, that is its meta-gradient estimate of the query loss after ``steps``
     inner steps (``tmg.adapt``, or ``tmg.flow`` for ``flow=...``); the backward lands
-    on ``params``' ``.grad`` as for any loss. For an outer direction (Reptile) it is
-    whatever :data:`DIRECTIONS` computes.
+    on ``params``' ``.grad`` as for any loss, and on the ``.grad`` of a learned ``lr``
+    (``tmg.adapt``'s forms: 0-dim, per step, per parameter). ``adapt``: the names that
+    adapt (``tmg.adapt``'s ``adapt=``; the others get their meta-gradient through the
+    inner loop). For an outer direction (Reptile) it is whatever :data:`DIRECTIONS`
+    computes (a float ``lr``, every parameter adapting: see
+    :func:`recipes.common.inner.check_method`).
     """
     if not method.is_rule:
+        if not isinstance(lr, (int, float)) or adapt is not None:
+            raise ValueError(f"{method.display}: a learned lr and adapt= need a rule")
         return DIRECTIONS[method.name](method, loss_fn, params, task, steps, lr, scale)
     assert rule is not None
     support, query = task
     with warnings.catch_warnings(record=True) as caught, tmg.diagnostics.collect() as reports:
         warnings.simplefilter("always", tmg.SolverWarning)
         if method.flow is None:
-            adapted = tmg.adapt(loss_fn, params, support, steps=steps, lr=lr, rule=rule)
+            adapted = tmg.adapt(
+                loss_fn, params, support, steps=steps, lr=lr, rule=rule, adapt=adapt
+            )
         else:
+            if not isinstance(lr, (int, float)) or adapt is not None:
+                raise ValueError(f"{method.display}: a learned lr and adapt= need flow= off")
             adapted = tmg.flow(
                 loss_fn,
                 params,

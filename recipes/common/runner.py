@@ -4,16 +4,20 @@ A recipe supplies a :class:`MetaProblem` (model, functional loss, task sampler,
 evaluation) and a :class:`~recipes.common.methods.Method`; :func:`train` does the
 rest: seeding, device, the outer Adam loop over meta-batches, metrics as JSON lines,
 periodic evaluation, atomic checkpoints, ``--resume``, and a graceful stop on
-SIGTERM / Ctrl-C / ``--stop-after``.
+SIGTERM / Ctrl-C / ``--stop-after``. The inner loop's other meta-parameters (a learned
+step size, ANIL's adapt list; :mod:`recipes.common.inner`) come from the config when it
+is an :class:`~recipes.common.inner.InnerConfig`: the learned rates join the network in
+the outer optimizer, in every ``tmg.adapt`` call, in the checkpoints and in evaluation.
 
-Resume gives bit-identical numbers on CPU: the checkpoint holds the model, Adam's
-state, every random state (Python, torch, and the task generator), the step counter
+Resume gives bit-identical numbers on CPU: the checkpoint holds the model, the learned
+rates, Adam's state, every random state (Python, torch, and the task generator), the step counter
 and the records so far; task sampling uses only the task generator, and evaluation
 uses generators of its own, so nothing else advances a random stream.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +37,7 @@ from recipes.common.env import (
     seed_everything,
     set_rng_state,
 )
+from recipes.common.inner import InnerParams, check_method, inner_options
 from recipes.common.interrupt import StopFlag, graceful_stop
 from recipes.common.methods import Method, task_direction
 from recipes.common.metrics import MetricsLog
@@ -59,8 +64,9 @@ class MetaProblem(Protocol):
         """``n`` training tasks ``(support, query)``, drawn with ``generator`` only."""
         ...
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Periodic evaluation of the current initialization (deterministic)."""
+    def evaluate(self, model: nn.Module, inner: InnerParams) -> dict[str, float]:
+        """Periodic evaluation of the current initialization (deterministic), adapting
+        with ``inner``'s step size and adapt list."""
         ...
 
 
@@ -74,6 +80,8 @@ class RunResult:
 
     Attributes:
         model: the network with the final (or last finished) meta-parameters.
+        inner: the inner loop's step size (learned rates at their final values) and
+            adapt list, as evaluation should use them.
         step: meta-steps done.
         completed: all ``meta_steps`` are done.
         interrupted: stopped early by a signal or ``--stop-after`` (resumable).
@@ -83,6 +91,7 @@ class RunResult:
     """
 
     model: nn.Module
+    inner: InnerParams
     step: int
     completed: bool
     interrupted: bool
@@ -119,6 +128,8 @@ def train(
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype)
     steps = method.steps or config.steps
+    learn_lr, anil = inner_options(config)
+    check_method(method, learn_lr, anil, steps)
     identity = {
         "recipe": recipe,
         "config": _identity_config(config),
@@ -127,14 +138,19 @@ def train(
 
     seed_everything(config.seed)
     model = problem.make_model().to(device=device, dtype=dtype)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.outer_lr)
+    inner = InnerParams.build(model, learn_lr=learn_lr, anil=anil, steps=steps, lr=config.inner_lr)
+    optimizer = torch.optim.Adam([*model.parameters(), *inner.parameters()], lr=config.outer_lr)
     generators = {"tasks": torch.Generator().manual_seed(config.seed + 1)}
     step, records = 0, []
     if config.resume:
         # On CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
         state = load_checkpoint(ckpt_path, map_location="cpu")
-        _check_same_run(state, identity, ckpt_path)
+        _check_same_run(state, identity, ckpt_path, _defaults(config))
         model.load_state_dict(state["model"])
+        try:
+            inner.load_state_dict(state.get("inner", {}))
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {ckpt_path}: {err}") from None
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], generators)
         step, records = int(state["step"]), list(state["records"])
@@ -151,6 +167,7 @@ def train(
                 **identity,
                 "step": step,
                 "model": model.state_dict(),
+                "inner": inner.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "rng": get_rng_state(generators),
                 "records": log.records,
@@ -174,13 +191,15 @@ def train(
             while step < config.meta_steps:
                 tasks = problem.sample_tasks(generators["tasks"], config.meta_batch)
                 record = _meta_step(
-                    model, optimizer, rule, method, loss_fn, tasks, steps, config, device, dtype
+                    model, inner, optimizer, rule, method, loss_fn, tasks, steps, device, dtype
                 )
                 step += 1
                 record = {"step": step, **record}
                 last = step == config.meta_steps
                 if (config.eval_every and step % config.eval_every == 0) or last:
-                    record.update({f"eval/{k}": v for k, v in problem.evaluate(model).items()})
+                    record.update(
+                        {f"eval/{k}": v for k, v in problem.evaluate(model, inner).items()}
+                    )
                 record["elapsed_s"] = round(time.perf_counter() - start_time, 3)
                 log.append(record)
                 bar.update(1)
@@ -199,6 +218,7 @@ def train(
         log.close()
     return RunResult(
         model=model,
+        inner=inner,
         step=step,
         completed=step >= config.meta_steps,
         interrupted=interrupted,
@@ -210,19 +230,19 @@ def train(
 
 def _meta_step(
     model: nn.Module,
+    inner: InnerParams,
     optimizer: torch.optim.Optimizer,
     rule: Any,
     method: Method,
     loss_fn: LossFn,
     tasks: list[Task],
     steps: int,
-    config: TrainConfig,
     device: torch.device,
     dtype: torch.dtype,
 ) -> dict[str, float]:
     """One outer step: every task adds ``1/n`` of its direction to ``.grad``; Adam steps."""
     optimizer.zero_grad(set_to_none=False)
-    for p in model.parameters():
+    for p in [*model.parameters(), *inner.parameters()]:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     params = dict(model.named_parameters())
@@ -237,14 +257,15 @@ def _meta_step(
             params,
             task,
             steps=steps,
-            lr=config.inner_lr,
+            lr=inner.lr(),
+            adapt=inner.adapt,
             scale=1.0 / len(tasks),
         )
         losses.append(stats.query_loss)
         for k, v in stats.extras.items():
             extras[k] = extras.get(k, 0.0) + v / len(tasks)
     optimizer.step()
-    return {"train/query_loss": sum(losses) / len(losses), **extras}
+    return {"train/query_loss": sum(losses) / len(losses), **extras, **inner.stats()}
 
 
 def _to(tree: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -260,12 +281,25 @@ def _identity_config(config: TrainConfig) -> dict[str, Any]:
     return stable_fields(config)
 
 
-def _check_same_run(state: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
+def _defaults(config: TrainConfig) -> dict[str, Any]:
+    return {
+        f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+        for f in dataclasses.fields(config)
+        if f.default is not dataclasses.MISSING
+    }
+
+
+def _check_same_run(
+    state: dict[str, Any], identity: dict[str, Any], path: Path, defaults: dict[str, Any]
+) -> None:
+    """Refuse a checkpoint written with other settings. An option the checkpoint does not
+    record (added to the recipe after it was written) matches its default value."""
     diffs = []
     for key in ("recipe", "method"):
         if state[key] != identity[key]:
             diffs.append(f"{key}: checkpoint {state[key]!r}, now {identity[key]!r}")
     old, new = state["config"], identity["config"]
+    old = {**{k: v for k, v in defaults.items() if k in new and k not in old}, **old}
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             diffs.append(

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from recipes.common.evaluation import adaptation_curve, mse_loss_fn, nrmse
+from recipes.common.inner import InnerParams
 from recipes.common.runner import LossFn
 
 __all__ = ["FAMILIES", "Family", "RegressionProblem", "make_mlp"]
@@ -134,16 +135,23 @@ class RegressionProblem:
         index = torch.randperm(len(self.pool), generator=generator)[:n]
         return [self.pool[int(i)] for i in index]
 
-    def test_curve(self, model: nn.Module, steps: list[int]) -> Tensor:
-        """nRMSE of every test task after each number of GD steps: ``(tasks, steps)``."""
+    def test_curve(
+        self, model: nn.Module, steps: list[int], inner: InnerParams | None = None
+    ) -> Tensor:
+        """nRMSE of every test task after each number of GD steps: ``(tasks, steps)``.
+
+        GD with ``inner``'s step size and adapt list (default: ``inner_lr``, all).
+        """
         return adaptation_curve(
             model,
             self.test_support,
             self.test_query,
-            lr=self.inner_lr,
+            lr=self.inner_lr if inner is None else inner.lr(detach=True),
+            adapt=None if inner is None else inner.adapt,
             eval_steps=steps,
             metric=nrmse,
         )
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return {"test_nrmse": float(self.test_curve(model, [self.eval_steps])[:, 0].mean())}
+    def evaluate(self, model: nn.Module, inner: InnerParams) -> dict[str, float]:
+        curve = self.test_curve(model, [self.eval_steps], inner)
+        return {"test_nrmse": float(curve[:, 0].mean())}

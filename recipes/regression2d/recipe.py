@@ -185,7 +185,7 @@ def _run(config: Regression2DConfig, callbacks: Sequence[Callback]) -> dict[str,
             )
             break
         start = time.perf_counter()
-        curve = problem.test_curve(run.model, test_steps)
+        curve = problem.test_curve(run.model, test_steps, run.inner)
         entry["nrmse_mean"] = curve.mean(0).tolist()
         entry["nrmse_std"] = curve.std(0).tolist()
         entry["eval_time_s"] = time.perf_counter() - start

@@ -4,6 +4,8 @@
     python -m recipes.sine --mode study --study-steps 5 --study-lr 0.003
     python -m recipes.sine --mode train --rule binomial --order 1 --meta-steps 2000
     python -m recipes.sine --mode train --rule binomial --order 1 --meta-steps 4000 --resume
+    python -m recipes.sine --mode train --learn-lr per-parameter   # Meta-SGD
+    python -m recipes.sine --mode train --anil                     # ANIL
 
 ``--mode study`` (a): relative error and cosine similarity of every rule's meta-gradient
 against ``Exact``, for ``L = 0..K`` (Binomial vs Truncated; FirstOrder as ``L = 0``), as
@@ -11,6 +13,11 @@ a table and a plot, with the regime ``K * lr * max ||H_k||``.
 ``--mode train`` (b): meta-training with ``--rule`` (any registered rule, or
 ``reptile``) through the shared runner; the meta-test loss curve (query MSE of 100
 held-out tasks after 0..``--test-steps`` adaptation steps) as a table and a plot.
+``--learn-lr scalar|per-step|per-parameter`` makes the inner step size a meta-parameter
+(one rate; one per step, MAML++; one per weight, Meta-SGD), started at ``--inner-lr``,
+trained by the outer Adam with the network, checkpointed, and used by the meta-test
+adaptation (per-step: test steps past K reuse the last rate). ``--anil`` adapts only the
+last layer; the body is meta-learned through the inner loop (:mod:`recipes.common.inner`).
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from recipes.common.config import TrainConfig, config_dict, option, parse_config
+from recipes.common.config import config_dict, option, parse_config
 from recipes.common.env import cpu_threads, resolve_device, resolve_dtype
+from recipes.common.inner import InnerConfig, InnerParams, check_method
 from recipes.common.methods import parse_method
 from recipes.common.metrics import training_time, write_csv, write_json
 from recipes.common.plotting import plot_curves
@@ -38,7 +46,7 @@ __all__ = ["SineConfig", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
-class SineConfig(TrainConfig):
+class SineConfig(InnerConfig):
     """Options of the sine recipe; defaults are the papers' values.
 
     The estimator study uses K = 5, lr = 0.003, 20 tasks (BinomMAML's sine study as
@@ -84,7 +92,9 @@ class SineConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_method(self.rule).check(self.steps)  # order > steps: an argparse error
+        method = parse_method(self.rule)
+        method.check(self.steps)  # order > steps: an argparse error
+        check_method(method, self.learn_lr, self.anil, self.steps)  # e.g. reptile + --anil
         if self.power_iters < 1:
             raise ValueError(f"--power-iters must be >= 1, got {self.power_iters}")
 
@@ -140,7 +150,6 @@ def _train(config: SineConfig, out: Path, callbacks: Sequence[Callback]) -> dict
         query_shots=config.query_shots,
         test_tasks=config.test_tasks,
         eval_steps=method.steps or config.steps,
-        inner_lr=config.inner_lr,
         seed=config.seed,
         device=resolve_device(config.device),
         dtype=resolve_dtype(config.dtype),
@@ -167,26 +176,12 @@ def _train(config: SineConfig, out: Path, callbacks: Sequence[Callback]) -> dict
         return metrics
     start = time.perf_counter()
     adapt_steps = list(range(config.test_steps + 1))
-    curve = problem.test_curve(run.model, adapt_steps)
+    curve = problem.test_curve(run.model, adapt_steps, run.inner)
     mean, std = curve.mean(0).tolist(), curve.std(0).tolist()
     metrics["test_curve"] = {"steps": adapt_steps, "mean": mean, "std": std}
-    # The regime the learned initialization is in (cf. the study's K * lr * max ||H_k||).
-    gen = torch.Generator().manual_seed(config.seed + 3)
-    params, loss_fn = dict(run.model.named_parameters()), problem.loss_fn(run.model)
-    xs, ys = problem.test_support
-    regime = [
-        curvature_regime(
-            loss_fn,
-            params,
-            (xs[i], ys[i]),
-            steps=problem.eval_steps,
-            lr=config.inner_lr,
-            iters=config.power_iters,
-            generator=gen,
-        )[0]
-        for i in range(min(10, config.test_tasks))
-    ]
-    metrics["K_lr_max_H_mean"] = sum(regime) / len(regime)
+    metrics["inner"] = run.inner.describe()
+    regime = _regime(config, problem, run.model) if run.inner.default else []
+    metrics["K_lr_max_H_mean"] = sum(regime) / len(regime) if regime else None
     metrics["eval_time_s"] = time.perf_counter() - start
     rows = [
         {"adapt_steps": s, "mse_mean": m, "mse_std": d}
@@ -215,11 +210,17 @@ def _train(config: SineConfig, out: Path, callbacks: Sequence[Callback]) -> dict
     shown = sorted({0, 1, min(config.steps, config.test_steps), config.test_steps})
     print(
         f"sine meta-training with {method.display}: {run.step} meta-steps, K={problem.eval_steps}, "
-        f"inner lr {config.inner_lr}, meta-batch {config.meta_batch} "
+        f"{_inner_text(config, run.inner)}, meta-batch {config.meta_batch} "
         f"(training {metrics['train_time_s']:.0f} s); meta-test query MSE on "
         f"{config.test_tasks} new tasks; "
-        f"at the learned initialization K * lr * max_k ||H_k|| = {metrics['K_lr_max_H_mean']:.3g} "
-        f"(mean over {len(regime)} test tasks)\n\n"
+        + (
+            f"at the learned initialization K * lr * max_k ||H_k|| = "
+            f"{metrics['K_lr_max_H_mean']:.3g} (mean over {len(regime)} test tasks)"
+            if regime
+            else "K * lr * max_k ||H_k|| not measured (it assumes one fixed lr, all "
+            "parameters adapting)"
+        )
+        + "\n\n"
         + markdown_table(
             ["adaptation steps", *map(str, shown)],
             [["MSE (mean +- std)", *[f"{mean[s]:.3f} +- {std[s]:.3f}" for s in shown]]],
@@ -227,3 +228,35 @@ def _train(config: SineConfig, out: Path, callbacks: Sequence[Callback]) -> dict
         flush=True,
     )
     return metrics
+
+
+def _regime(config: SineConfig, problem: SineProblem, model: torch.nn.Module) -> list[float]:
+    """K * lr * max_k ||H_k|| at the learned initialization, on up to 10 test tasks
+    (cf. the study's regime line; plain GD at the fixed lr, all parameters)."""
+    gen = torch.Generator().manual_seed(config.seed + 3)
+    params, loss_fn = dict(model.named_parameters()), problem.loss_fn(model)
+    xs, ys = problem.test_support
+    return [
+        curvature_regime(
+            loss_fn,
+            params,
+            (xs[i], ys[i]),
+            steps=problem.eval_steps,
+            lr=config.inner_lr,
+            iters=config.power_iters,
+            generator=gen,
+        )[0]
+        for i in range(min(10, config.test_tasks))
+    ]
+
+
+def _inner_text(config: SineConfig, inner: InnerParams) -> str:
+    """How the inner loop stepped: the fixed lr or the learned rates, and what adapted."""
+    text = f"inner lr {config.inner_lr}"
+    if inner.learned:
+        s = inner.stats()
+        text = (
+            f"learned inner lr ({inner.mode}, from {config.inner_lr}; now mean "
+            f"{s['inner/lr_mean']:.4g}, range [{s['inner/lr_min']:.4g}, {s['inner/lr_max']:.4g}])"
+        )
+    return text + (f", ANIL (adapting {', '.join(inner.adapt)})" if inner.adapt else "")

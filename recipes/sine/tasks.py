@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from recipes.common.evaluation import adaptation_curve, mse_loss_fn
+from recipes.common.inner import InnerParams
 from recipes.common.runner import LossFn
 from workloads.sine import make_mlp, sample_tasks, unstack
 
@@ -26,7 +27,6 @@ class SineProblem:
         query_shots: query points per task.
         test_tasks: number of held-out tasks for evaluation (drawn once from ``seed``).
         eval_steps: adaptation steps at which the periodic evaluation measures the loss.
-        inner_lr: test-time gradient-descent step size.
         seed: seed of the held-out tasks (independent of the training task stream).
     """
 
@@ -37,13 +37,12 @@ class SineProblem:
         query_shots: int,
         test_tasks: int,
         eval_steps: int,
-        inner_lr: float,
         seed: int,
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
         self.shots, self.query_shots = shots, query_shots
-        self.eval_steps, self.inner_lr = eval_steps, inner_lr
+        self.eval_steps = eval_steps
         gen = torch.Generator().manual_seed(seed + 2)
         (xs, ys), (xq, yq) = sample_tasks(gen, test_tasks, shots, query_shots)
         cast: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -59,12 +58,21 @@ class SineProblem:
     def sample_tasks(self, generator: torch.Generator, n: int) -> list[Any]:
         return unstack(sample_tasks(generator, n, self.shots, self.query_shots))
 
-    def test_curve(self, model: nn.Module, steps: list[int]) -> Tensor:
-        """Query MSE of every held-out task after each number of steps: ``(tasks, steps)``."""
+    def test_curve(self, model: nn.Module, steps: list[int], inner: InnerParams) -> Tensor:
+        """Query MSE of every held-out task after each number of steps: ``(tasks, steps)``.
+
+        Adaptation is plain gradient descent with ``inner``'s step size (the fixed one,
+        or the learned rates) on ``inner``'s adapted parameters (all, or ANIL's last layer).
+        """
         return adaptation_curve(
-            model, self.test_support, self.test_query, lr=self.inner_lr, eval_steps=steps
+            model,
+            self.test_support,
+            self.test_query,
+            lr=inner.lr(detach=True),
+            adapt=inner.adapt,
+            eval_steps=steps,
         )
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        losses = self.test_curve(model, [self.eval_steps])[:, 0]
+    def evaluate(self, model: nn.Module, inner: InnerParams) -> dict[str, float]:
+        losses = self.test_curve(model, [self.eval_steps], inner)[:, 0]
         return {"meta_test_loss": float(losses.mean())}
