@@ -397,3 +397,21 @@ def test_inner_options_outside_the_command_line():
     with pytest.raises(ValueError, match="--learn-lr must be one of off, scalar"):
         SineConfig(learn_lr="per-layer")
     assert SineConfig(anil=True, rule="implicit_cg:reg=1").anil  # the IFT gives the body one
+
+
+def test_sine_seeds_summary(tmp_path, capsys):
+    from recipes.sine.seeds import main as seeds_main
+
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}"
+        sine_main([*TINY_EXACT, "--learn-lr", "scalar", "--seed", str(seed), "--out", str(out)])
+        runs.append(str(out))
+    capsys.readouterr()
+    text = seeds_main(["--steps", "0,1,3", f"Meta={','.join(runs)}"])
+    curves = [json.loads((Path(r) / "train" / "result.json").read_text()) for r in runs]
+    one = [c["test_curve"]["mean"][1] for c in curves]
+    mean, std = sum(one) / 2, abs(one[0] - one[1]) / 2**0.5
+    assert f"{mean:.3f} ± {std:.3f}" in text and "| Meta   |    0 |" in text
+    with pytest.raises(SystemExit):
+        seeds_main(["--steps", "7", f"Meta={runs[0]}"])  # no value at 7 steps
