@@ -16,11 +16,12 @@ from torchopt_metagrad._core.checks import (
     check_params,
 )
 from torchopt_metagrad._core.flat import FlatSpec
-from torchopt_metagrad._core.link import Link
+from torchopt_metagrad._core.link import Link, over_tasks
 from torchopt_metagrad._core.loop import InnerLoop
 from torchopt_metagrad._core.needs import Needs, Offers, check_fit
 from torchopt_metagrad._core.replay import StepLoss
 from torchopt_metagrad._core.steps import AbstractStepMap, step_map_factory
+from torchopt_metagrad._core.tasks import is_batched
 from torchopt_metagrad.rules.base import AbstractRule, check_rule
 
 __all__ = ["Layout", "adapt", "flat_loss", "run_loop"]
@@ -93,6 +94,18 @@ def adapt(
             meta-gradient (backward), is not finite; the message names the step.
     """
     names = check_adapt(adapt, params)
+    if is_batched(params, batch, batches, lr):  # under torch.func.vmap: one loop per task
+        check_rule(rule)
+        keep = dict(steps=steps, rule=rule, optimizer=optimizer, adapt=adapt)
+        outputs = over_tasks(
+            lambda a: _adapt(loss_fn, a[0], a[1], batches=a[2], lr=a[3], **keep),
+            (dict(params), batch, batches, lr),
+            names,
+            rule,
+            "tmg.adapt",
+        )
+        by_name = dict(zip(names, outputs, strict=True))
+        return {n: by_name.get(n, params[n]) for n in params}
     spec = check_params({n: params[n] for n in names} if adapt is not None else params)
     layout = None if adapt is None else Layout.of(params, names)
     check_callable(loss_fn, "loss_fn")
@@ -125,12 +138,15 @@ def adapt(
         rule_name=type(rule).__name__,
     )
     if needs.graph:
-        adapted = spec.split(loop.params)
+        final = spec.split(loop.params)
     else:
         record = loop.record()
-        adapted = list(Link.apply(record, rule, "tmg.adapt", *leaves, *record.meta.tensors))
-    out = dict(zip(spec.names, adapted, strict=True))
+        final = list(Link.apply(record, rule, "tmg.adapt", *leaves, *record.meta.tensors))
+    out = dict(zip(spec.names, final, strict=True))
     return out if layout is None else {n: out.get(n, params[n]) for n in params}
+
+
+_adapt = adapt  # inside adapt, the name is its argument
 
 
 def run_loop(
