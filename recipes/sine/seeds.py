@@ -8,13 +8,15 @@ Each ``LABEL=DIR,DIR,...`` names the output folders (``--out`` / ``runs/sine/<na
 one method's runs, one per seed. From each run's ``train/result.json`` it reads the
 meta-test curve (mean query MSE over the held-out tasks after each number of adaptation
 steps) and prints two Markdown tables: per method, the mean ± sample standard deviation
-over the runs, and each run's value. Nothing is trained or evaluated here.
+over the runs (or how many runs diverged: a NaN or inf value), and each run's value.
+Nothing is trained or evaluated here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,12 +50,9 @@ def summarize(methods: dict[str, list[str]], steps: Sequence[int]) -> str:
                 curve = res["test_curve"]
                 if s not in curve["steps"]:
                     raise ValueError(f"{run} has no meta-test value at {s} steps: {curve['steps']}")
-                values.append(curve["mean"][curve["steps"].index(s)])
+                values.append(float(curve["mean"][curve["steps"].index(s)]))  # "nan" -> nan
             per_step.append(values)
-        spread = [
-            f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.3f}"
-            for v in per_step
-        ]
+        spread = [_spread(v) for v in per_step]
         train_s = statistics.mean(r["train_time_s"] for r in results)
         rows.append([label, len(runs), *spread, f"{train_s:.0f}"])
         for i, run in enumerate(runs):
@@ -72,6 +71,15 @@ def summarize(methods: dict[str, list[str]], steps: Sequence[int]) -> str:
         + "\n\nper run\n\n"
         + markdown_table(["method", "seed", *head[2:-1], "learned lr: mean [min, max]"], seeds)
     )
+
+
+def _spread(values: list[float]) -> str:
+    """``mean ± std`` (sample std), or how many runs diverged (NaN / inf)."""
+    bad = sum(not math.isfinite(v) for v in values)
+    if bad:
+        return f"non-finite in {bad}/{len(values)} runs"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
 def main(argv: Sequence[str] | None = None) -> str:
