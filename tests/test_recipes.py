@@ -384,7 +384,6 @@ def test_resume_with_other_inner_options_is_refused(tmp_path):
         (["--anil", "--rule", "reptile"], r"--anil needs a meta-gradient rule"),
         (["--learn-lr", "per-step", "--rule", "implicit_cg", "--reg", "1"],
          r"--learn-lr per-step with implicit_cg\(reg=1\): ImplicitCG .*learned lr"),
-        (["--anil", "--rule", "adjoint"], r"--anil with adjoint: Adjoint"),
     ],
 )  # fmt: skip
 def test_bad_inner_options_are_clear_errors(capsys, argv, message):

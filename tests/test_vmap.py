@@ -18,6 +18,7 @@ from tests.rules_under_test import ADAPT, for_each_rule
 
 D = torch.float64
 B, K = 3, 3
+STEP_RULES = [tmg.Exact(), tmg.Binomial(2), tmg.Truncated(1), tmg.FirstOrder(), tmg.Unrolled()]
 
 
 def _net() -> nn.Module:
@@ -71,11 +72,7 @@ def test_every_rule_under_vmap_equals_the_loop_over_tasks(row):
     assert _vmap_vs_loop(task, _tasks(), list(params.values())) < 1e-10
 
 
-@pytest.mark.parametrize(
-    "rule",
-    [tmg.Exact(), tmg.Binomial(2), tmg.Truncated(1), tmg.FirstOrder(), tmg.Unrolled()],
-    ids=str,
-)
+@pytest.mark.parametrize("rule", STEP_RULES, ids=str)
 def test_per_step_batches_and_meta_parameters_under_vmap(rule):
     """Per-step batches, a learned per-parameter lr shared by the tasks, a closed-over
     coefficient, and only the head adapted (the body a fixed entry)."""
@@ -214,3 +211,87 @@ def test_flow_and_the_decorators_under_vmap_equal_the_loop():
     (got,) = torch.autograd.grad(vm.sum(), u0)
     (ref,) = torch.autograd.grad(sum(task2(centres[b]) for b in range(B)), u0)
     assert _rel([got], [ref]) < 1e-10
+
+
+@pytest.mark.parametrize("rule", STEP_RULES, ids=str)
+@pytest.mark.parametrize("per_step", [False, True], ids=["shared batch", "per-step batches"])
+def test_tasks_run_together_when_the_loss_is_a_pure_function(rule, per_step):
+    """The batched path: the loss runs once per step for all tasks (traced by vmap), not
+    once per task, and the meta-gradient still equals the loop's."""
+    net = _net()
+    params = dict(net.named_parameters())
+    calls = {"n": 0}
+
+    def loss(p, b):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return ((functional_call(net, p, (b[0],)) - b[1]) ** 2).mean()
+
+    def task(x, y, xq, yq):  # type: ignore[no-untyped-def]
+        batches = [(x[k], y[k]) for k in range(K)] if per_step else None
+        batch = None if per_step else (x, y)
+        out = tmg.adapt(loss, params, batch, batches=batches, steps=K, lr=0.05, rule=rule)
+        return loss(out, (xq, yq))
+
+    data = _tasks(per_step=per_step)
+    vm = torch.func.vmap(task)(*data.values())
+    forward_calls = calls["n"]
+    assert forward_calls <= K + 3  # K batched steps, the probe, the query loss
+    got = torch.autograd.grad(vm.sum(), list(params.values()))
+    loop = sum(task(*(t[b] for t in data.values())) for b in range(B))
+    ref = torch.autograd.grad(loop, list(params.values()))
+    assert _rel(list(got), list(ref)) < 1e-10
+
+
+def test_a_loss_with_dropout_runs_task_by_task_with_its_own_masks():
+    net = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 1)).to(D)
+    params = dict(net.named_parameters())
+
+    def loss(p, b):  # type: ignore[no-untyped-def]
+        return ((functional_call(net, p, (b[0],)) - b[1]) ** 2).mean()
+
+    def task(x, y, xq, yq):  # type: ignore[no-untyped-def]
+        out = tmg.adapt(loss, params, (x, y), steps=K, lr=0.05, rule=tmg.Exact())
+        net.eval()
+        value = loss(out, (xq, yq))
+        net.train()
+        return value
+
+    data = _tasks()
+    torch.manual_seed(5)
+    vm = torch.func.vmap(task)(*data.values())
+    got = torch.autograd.grad(vm.sum(), list(params.values()))
+    torch.manual_seed(5)  # the same draws, task after task
+    loop = sum(task(*(t[b] for t in data.values())) for b in range(B))
+    ref = torch.autograd.grad(loop, list(params.values()))
+    assert _rel(list(got), list(ref)) < 1e-10
+
+
+def test_batch_norm_in_the_loss_runs_task_by_task_and_updates_the_statistics_once():
+    def make():  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).to(D)
+
+    def run(vmapped: bool):  # type: ignore[no-untyped-def]
+        net = make()
+        params = dict(net.named_parameters())
+
+        def loss(p, b):  # type: ignore[no-untyped-def]
+            return ((functional_call(net, p, (b[0],)) - b[1]) ** 2).mean()
+
+        def task(x, y, xq, yq):  # type: ignore[no-untyped-def]
+            out = tmg.adapt(loss, params, (x, y), steps=K, lr=0.05, rule=tmg.Exact())
+            # (an outer loss through the net would read running statistics, which a
+            # vmap updates for all tasks before any outer loss, a loop task by task)
+            return sum(((t - 0.1) ** 2).sum() for t in out.values()) * xq.mean() + yq.mean()
+
+        data = _tasks()
+        if vmapped:
+            total = torch.func.vmap(task)(*data.values()).sum()
+        else:
+            total = sum(task(*(t[b] for t in data.values())) for b in range(B))
+        grads = torch.autograd.grad(total, list(params.values()))
+        return list(grads), net[1].running_mean.clone()
+
+    (got, stats), (ref, ref_stats) = run(True), run(False)
+    assert torch.allclose(stats, ref_stats, rtol=0, atol=1e-14)
+    assert _rel(got, ref) < 1e-10

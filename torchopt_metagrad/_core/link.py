@@ -102,8 +102,7 @@ class Link(torch.autograd.Function):
             raise RuntimeError(
                 f"{owner}: internal error: a per-task job reached the forward outside vmap"
             )
-        spec = record.spec
-        return tuple(t.clone() for t in spec.split(record.final[: spec.numel].detach()))
+        return record.outputs()
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -146,7 +145,7 @@ class Link(torch.autograd.Function):
             None,
             None,
             None,
-            *(t.clone() for t in record.spec.split(theta_grad)),
+            *record.theta_grads(theta_grad),
             *(p.view(t.shape).to(t.dtype) for p, t in zip(parts, metas, strict=True)),
         )
 
@@ -157,23 +156,34 @@ def over_tasks(
     names: Sequence[str],
     rule: Any,
     owner: str,
+    fast: Callable[[Any, Any, int], Sequence[Tensor] | None] | None = None,
 ) -> list[Tensor]:
     """A front end's outputs ``names`` under ``torch.func.vmap``: ``call(args)`` per task.
 
     ``args`` is a pytree of the front end's arguments; its tensors (batched or not) go
-    through the node, whose vmap rule runs ``call`` on each task's slices.
+    through the node, whose vmap rule runs ``fast(args, dims, size)`` (all tasks at once,
+    ``dims`` the task dimension of each leaf; ``None`` if it does not apply) or else
+    ``call`` on each task's slices.
     """
     leaves, treedef = tree_flatten(args)
     where = [i for i, t in enumerate(leaves) if isinstance(t, Tensor)]
 
-    def run(tensors: list[Tensor]) -> list[Tensor]:
-        task = list(leaves)
+    def rebuild(tensors: Sequence[Any], *, dims: bool = False) -> Any:
+        task = [None] * len(leaves) if dims else list(leaves)  # dims: None = not batched
         for i, t in zip(where, tensors, strict=True):
             task[i] = t
-        out = call(tree_unflatten(task, treedef))
+        return tree_unflatten(task, treedef)
+
+    def run(tensors: list[Tensor]) -> list[Tensor]:
+        out = call(rebuild(tensors))
         return [out[n] for n in names]
 
-    return list(Link.apply(TaskJob(run, owner), rule, owner, *(leaves[i] for i in where)))
+    def batched(size: int, dims: Sequence[int | None], tensors: Sequence[Tensor]) -> Any:
+        assert fast is not None
+        return fast(rebuild(tensors), rebuild(dims, dims=True), size)
+
+    job = TaskJob(run, owner, batched if fast is not None else None)
+    return list(Link.apply(job, rule, owner, *(leaves[i] for i in where)))
 
 
 def run_rule(
@@ -193,12 +203,7 @@ def run_rule(
             f"inner step(s) of {owner})"
         ) from None
     spec = record.spec
-    g = spec.flatten(
-        [
-            torch.zeros(s, dtype=spec.dtype, device=spec.device) if go is None else go
-            for go, s in zip(grad_outputs, spec.shapes, strict=True)
-        ]
-    )
+    g = record.outer_vector(grad_outputs)
     ensure_finite(
         g,
         lambda: (
@@ -206,8 +211,6 @@ def run_rule(
             f"after {record.steps} inner step(s) ({owner}) is not finite"
         ),
     )
-    if record.state_dim > spec.numel:
-        g = torch.cat([g, g.new_zeros(record.state_dim - spec.numel)])
     result = rule.meta_gradient(record, g)
     info, meta = None, None
     if isinstance(result, Estimate):
@@ -222,7 +225,7 @@ def run_rule(
             "closed-over tensors that require grad). Use a built-in rule, or detach them"
         )
     _publish(RuleReport(rule, owner, record.steps, info))
-    theta_grad = out[: spec.numel]
+    theta_grad = out[..., : spec.numel]
     ensure_finite(theta_grad, lambda: f"in {type(rule).__name__}'s result ({owner})")
     if meta is None:
         meta = theta_grad.new_zeros(0)

@@ -46,11 +46,20 @@ class TaskJob:
         run: runs one task from its tensors (in the order the front end passed them to
             the node) and returns its output tensors.
         owner: names the front end in messages.
+        batched: runs all tasks at once from the unbatched tensors and their task
+            dimensions, returning outputs with the task dimension first, or ``None``
+            when the tasks cannot be batched (then ``run`` goes task by task).
     """
 
-    def __init__(self, run: Callable[[list[Tensor]], Sequence[Tensor]], owner: str) -> None:
+    def __init__(
+        self,
+        run: Callable[[list[Tensor]], Sequence[Tensor]],
+        owner: str,
+        batched: Callable[[int, Sequence[int | None], Sequence[Tensor]], Any] | None = None,
+    ) -> None:
         self.run = run
         self.owner = owner
+        self.batched = batched
 
     def per_task(
         self, size: int, in_dims: Sequence[int | None], tensors: Sequence[Tensor]
@@ -62,6 +71,10 @@ class TaskJob:
                 "vmap (loss.backward(), torch.autograd.grad); another torch.func transform "
                 "around it (grad, vjp, jacrev, an outer vmap) is not supported"
             )
+        if self.batched is not None:
+            outputs = self.batched(size, in_dims, tensors)
+            if outputs is not None:
+                return tuple(outputs), (0,) * len(outputs)
         results = []
         for b in range(size):
             task = [
