@@ -157,7 +157,8 @@ def test_floats_are_written_short_and_exact(reg):
 def test_rule_knobs_are_the_dataclass_fields_with_their_types():
     assert tmg.rule_knobs("binomial") == {"order": int, "chunk_size": int | None, "vectorize": bool}
     assert tmg.rule_knobs(tmg.ImplicitCG) == {"reg": float, "maxiter": int, "tol": float}
-    assert tmg.rule_knobs("exact") == {}
+    assert tmg.rule_knobs("exact") == {"snapshots": int | None}
+    assert tmg.rule_knobs("first_order") == {}
 
 
 def test_parse_rule_spec_converts_without_building():

@@ -24,9 +24,11 @@ import torch
 from torch import Tensor
 
 from torchopt_metagrad._core import engine
+from torchopt_metagrad._core.checkpoints import recompute_segment
 from torchopt_metagrad._core.engine import Meta
 from torchopt_metagrad._core.flat import FlatSpec
-from torchopt_metagrad._core.pull import blocking, is_blocked, pull, pull_list
+from torchopt_metagrad._core.meta_products import MetaProducts
+from torchopt_metagrad._core.pull import is_blocked, pull
 from torchopt_metagrad._core.replay import StepLoss
 from torchopt_metagrad._core.stack import constant as _constant
 from torchopt_metagrad._core.stack import rows as _rows
@@ -39,9 +41,10 @@ __all__ = ["Kept", "Record", "Snapshot"]
 
 @dataclass(frozen=True, eq=False)
 class Snapshot:
-    """A step stored as its state, integer optimizer state, and replayable loss."""
+    """A step stored as its state (``None``: recomputed from a checkpoint), integer
+    optimizer state, and replayable loss."""
 
-    z: Tensor
+    z: Tensor | None
     aux: Aux
     loss: StepLoss
 
@@ -65,7 +68,7 @@ class Kept:
 
 
 @dataclass(eq=False)
-class Record:
+class Record(MetaProducts):
     """Steps ``first..K-1`` of an inner loop and its final state ``z_K``.
 
     Attributes:
@@ -99,6 +102,7 @@ class Record:
     released: str | None = None
     meta: Meta = dataclasses.field(default_factory=Meta)
     chain: object | None = None
+    _segment: dict[int, Tensor] = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def of_states(
@@ -131,10 +135,13 @@ class Record:
     def take_tensors(self) -> list[Tensor]:
         """Move the snapshot tensors out (to save for backward); :meth:`put_tensors` restores."""
         empty = torch.empty(0)
-        taken = [e.z for e in self.entries if isinstance(e, Snapshot)] + [self.final]
+        taken = [e.z for e in self.entries if isinstance(e, Snapshot) and e.z is not None]
+        taken.append(self.final)
         self.entries = [
-            dataclasses.replace(e, z=empty) if isinstance(e, Snapshot) else e for e in self.entries
+            dataclasses.replace(e, z=empty) if isinstance(e, Snapshot) and e.z is not None else e
+            for e in self.entries
         ]
+        self._segment = {}
         self.final = empty
         return taken
 
@@ -144,7 +151,7 @@ class Record:
             raise RuntimeError(self.released)
         it = iter(tensors)
         self.entries = [
-            dataclasses.replace(e, z=next(it)) if isinstance(e, Snapshot) else e
+            dataclasses.replace(e, z=next(it)) if isinstance(e, Snapshot) and e.z is not None else e
             for e in self.entries
         ]
         self.final = next(it)
@@ -201,16 +208,6 @@ class Record:
     def state_dim(self) -> int:
         return self.spec.numel if self.step_map is None else self.step_map.dim
 
-    @property
-    def meta_dim(self) -> int:
-        return sum(t.numel() for t in self.meta.tensors)
-
-    def _flat_meta(self, grads: list[Tensor]) -> Tensor:
-        spec = self.spec
-        if not grads:
-            return torch.zeros(0, dtype=spec.dtype, device=spec.device)
-        return torch.cat([g.reshape(-1).to(spec.dtype) for g in grads])
-
     def _entry(self, k: int) -> Snapshot | Kept:
         if self.released is not None:
             raise RuntimeError(self.released)
@@ -224,7 +221,12 @@ class Record:
         entry = self._entry(k)
         if not isinstance(entry, Snapshot):
             raise IndexError(f"state {k} was not stored: step(loss) keeps the step's graph instead")
-        return entry.z
+        if entry.z is not None:
+            return entry.z
+        if k not in self._segment:  # recompute the segment from its checkpoint
+            self._segment = {}  # (free the previous segment first)
+            self._segment = recompute_segment(self, k)
+        return self._segment[k]
 
     def _loss(self, k: int) -> StepLoss:
         if k >= self.steps - 1 and self.final_loss is not None:
@@ -255,85 +257,10 @@ class Record:
         return engine.vjp_increment(
             _constant(entry.loss),
             lambda z, g: step_map.delta(z, g, aux),
-            entry.z,
+            self.snapshot(k),
             v,
             self.param_dim,
         )
-
-    def pullback(
-        self, k: int, v: Tensor, *, want_state: bool = True
-    ) -> tuple[Tensor | None, Tensor]:
-        entry, step_map = self._entry(k), self._step_map()
-        if isinstance(entry, Kept):
-            w_step, _ = self.meta.copies()
-            with torch.enable_grad():
-                z = self.spec.flatten(entry.params)
-                if entry.state is not None:
-                    z = torch.cat([z, entry.state])
-                delta = step_map.delta(z, self.spec.flatten(entry.grads), entry.aux, w_step)
-            with blocking(self.chain):
-                grads = pull_list([delta], (*entry.inputs, *w_step, *self.meta.closed), [v])
-            n = len(entry.inputs)
-            a = torch.cat([g.reshape(-1) for g in grads[:n]]) if want_state else None
-            return a, self._flat_meta(grads[n:])
-        aux = entry.aux
-        a, grads = engine.pullback(
-            entry.loss,
-            lambda z, g, w: step_map.delta(z, g, aux, w),
-            entry.z,
-            v,
-            self.param_dim,
-            self.meta,
-            want_state=want_state,
-        )
-        return a, self._flat_meta(grads)
-
-    def meta_pullback_many(
-        self, start: int, vectors: Tensor, *, chunk_size: int | None = None, vectorize: bool = True
-    ) -> Tensor:
-        n = vectors.shape[0]
-        if start + n > self.steps:
-            raise IndexError(f"steps {start}..{start + n - 1} go past the last step")
-        entries = [self._entry(start + r) for r in range(n)]
-        stacked = self._stack(entries) if vectorize and n > 1 else None
-        if stacked is not None:
-            fn, states, aux, batch, batch_dim = stacked
-            try:
-                grads = engine.meta_pullback_many(
-                    fn,
-                    self._step_map().delta,
-                    states,
-                    aux,
-                    batch,
-                    batch_dim,
-                    vectors,
-                    self.param_dim,
-                    self.meta,
-                    chunk_size=chunk_size,
-                )
-                return self._flat_meta(grads)
-            except (RuntimeError, NotImplementedError, ValueError) as err:
-                _vmap_failed(err)
-        total = torch.zeros(self.meta_dim, dtype=self.spec.dtype, device=self.spec.device)
-        for r in range(n):
-            total = total + self.pullback(start + r, vectors[r], want_state=False)[1]
-        return total
-
-    def mixed(self, k: int, v: Tensor) -> Tensor:
-        params = self.snapshot(k)[: self.param_dim]
-        return self.mixed_at(params, v, k=min(k, max(self.steps - 1, 0)))
-
-    def mixed_at(self, params: Tensor, v: Tensor, *, k: int = 0) -> Tensor:
-        _, grads = engine.pullback(
-            self._loss(k),
-            lambda z, g, w: g,
-            params,
-            v[: self.param_dim],
-            self.param_dim,
-            self.meta,
-            want_state=False,
-        )
-        return self._flat_meta(grads)
 
     def apply_many(
         self, start: int, vectors: Tensor, *, chunk_size: int | None = None, vectorize: bool = True
@@ -350,8 +277,8 @@ class Record:
 
     def _stack(self, entries: list[Snapshot | Kept]) -> tuple[Any, ...] | None:
         """``(fn, states, aux, batch, batch_dim)`` to vmap over, or ``None`` (loop instead)."""
-        if not all(isinstance(e, Snapshot) for e in entries):
-            return None  # kept graphs cannot be stacked
+        if not all(isinstance(e, Snapshot) and e.z is not None for e in entries):
+            return None  # kept graphs cannot be stacked; checkpointed states are recomputed
         snaps: list[Snapshot] = entries  # type: ignore[assignment]
         losses = [e.loss for e in snaps]
         if not all(s.batchable for s in losses) or any(s.fn is not losses[0].fn for s in losses):
@@ -373,7 +300,13 @@ class Record:
             )
             return None
         aux = tuple(torch.stack(col) for col in zip(*(e.aux for e in snaps), strict=True))
-        return losses[0].fn, _rows([e.z for e in snaps]), aux, stacked[0], stacked[1]
+        return (
+            losses[0].fn,
+            _rows([e.z for e in snaps if e.z is not None]),
+            aux,
+            stacked[0],
+            stacked[1],
+        )
 
     def _batched(
         self, entries: list[Snapshot | Kept], vectors: Tensor, chunk_size: int | None
@@ -416,3 +349,11 @@ class Record:
             leaf = params if create_graph else params.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(loss(leaf), leaf, create_graph=create_graph)
         return -grad
+
+
+def _with_z(entry: Snapshot | Kept, z: Any) -> Snapshot | Kept:
+    """``entry`` with its stored state replaced (``z`` a tensor, or an iterator of them);
+    kept steps and states left to recompute are unchanged."""
+    if not isinstance(entry, Snapshot) or entry.z is None:
+        return entry
+    return dataclasses.replace(entry, z=z if isinstance(z, Tensor) else next(z))
