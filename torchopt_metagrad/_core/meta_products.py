@@ -87,7 +87,8 @@ class MetaProducts:
         if start + n > self.steps:
             raise IndexError(f"steps {start}..{start + n - 1} go past the last step")
         entries = [self._entry(start + r) for r in range(n)]
-        stacked = self._stack(entries) if vectorize and n > 1 else None
+        batchable = vectorize and n > 1 and not self.meta.closed  # see engine
+        stacked = self._stack(entries) if batchable else None
         if stacked is not None:
             fn, states, aux, batch, batch_dim = stacked
             try:
