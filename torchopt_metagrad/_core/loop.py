@@ -129,6 +129,14 @@ class InnerLoop:
             z = self.z.detach().requires_grad_(True)
             g = grad.detach().requires_grad_(True)
             out = self.step_map.delta(z, g, self.aux)
+            again = self.step_map.delta(z, g, self.aux)
+        if not torch.equal(out.detach(), again.detach()):
+            raise ValueError(
+                "the inner optimizer's update is not a function of (params, gradient, state) "
+                "alone: two calls on the same inputs differ (e.g. torchopt.sgd with momentum "
+                "and dampening keeps a first-step flag in a closure), so the rules' replays "
+                "would differ from the forward. Use dampening=0 or another optimizer"
+            )
         if out.grad_fn is None:
             return
         hidden = closed_over([out], [z, g, *self.meta.step])

@@ -38,6 +38,7 @@ from torchopt_metagrad._core.checks import (
     check_lr_tensor,
 )
 from torchopt_metagrad._core.flat import FlatSpec
+from torchopt_metagrad._core.torch_optim import check_dampening, translate
 
 __all__ = [
     "AbstractStepMap",
@@ -334,37 +335,23 @@ def step_map_factory(
         return _plain(rate), torchopt.sgd(rate), None
     if _is_transformation(optimizer):
         return _transformation(optimizer), optimizer, None
-    if isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
+    if isinstance(optimizer, torch.optim.Optimizer):
         return _from_torch_optim(optimizer)
     raise TypeError(
         "optimizer must be a torchopt functional optimizer (GradientTransformation with "
-        "init/update, e.g. torchopt.sgd(0.1, momentum=0.9)) or a torch.optim.SGD / Adam; "
+        "init/update, e.g. torchopt.sgd(0.1, momentum=0.9)) or a torch.optim optimizer; "
         f"got {type(optimizer).__name__}"
     )
 
 
 def _from_torch_optim(opt: torch.optim.Optimizer) -> tuple[StepMapFactory, Any, list[Tensor]]:
-    if len(opt.param_groups) != 1:
-        raise ValueError(f"optimizer has {len(opt.param_groups)} param groups; one is supported")
-    group = opt.param_groups[0]
-    params = list(group["params"])
+    impl, group, params = translate(opt)
     lr = check_lr(group["lr"], "optimizer's lr")
-    if isinstance(opt, torch.optim.Adam):
-        if group.get("amsgrad"):
-            raise ValueError("optimizer: Adam with amsgrad=True is not supported")
-        impl = torchopt.adam(
-            lr,
-            betas=tuple(group["betas"]),
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            maximize=group.get("maximize", False),
-        )
-        return _transformation(impl), impl, params
-    sgd = {k: group.get(k, 0.0) for k in ("momentum", "dampening", "weight_decay")}
-    nesterov, maximize = bool(group.get("nesterov")), bool(group.get("maximize"))
-    if sgd["momentum"] == 0 and sgd["weight_decay"] == 0 and not maximize:
+    plain = isinstance(opt, torch.optim.SGD) and not any(
+        group.get(k) for k in ("momentum", "weight_decay", "nesterov", "maximize")
+    )
+    if plain:  # plain gradient descent: every rule applies (flows included)
         return _plain(lr), torchopt.sgd(lr), params
-    impl = torchopt.sgd(lr, **sgd, nesterov=nesterov, maximize=maximize)
     return _transformation(impl), impl, params
 
 
@@ -392,6 +379,7 @@ def sgd_factory(
                 f"drop {', '.join(used)} or give a float lr"
             )
         return _plain(lr), None
+    check_dampening(momentum, dampening)
     rate = check_lr_or_schedule(lr)
     plain = not callable(lr) and momentum == 0 and weight_decay == 0 and not maximize
     if plain and not nesterov:
