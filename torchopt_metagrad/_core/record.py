@@ -82,6 +82,8 @@ class Record:
             closed-over leaves); the rules differentiate them too.
         chain: the inner loop whose successive records share kept graphs (the module
             front end), else ``None``; see :meth:`blocked`.
+        products: Jacobian-/Hessian-vector products asked of the record so far (a batched
+            call of n rows counts n); reported per backward in ``RuleReport.products``.
     """
 
     spec: FlatSpec
@@ -97,6 +99,7 @@ class Record:
     released: str | None = None
     meta: Meta = dataclasses.field(default_factory=Meta)
     chain: object | None = None
+    products: int = 0
 
     @classmethod
     def of_states(
@@ -219,6 +222,7 @@ class Record:
 
     def apply(self, k: int, v: Tensor) -> Tensor:
         entry, step_map = self._entry(k), self._step_map()
+        self.products += 1
         if isinstance(entry, Kept):
             with torch.enable_grad():
                 z = self.spec.flatten(entry.params)
@@ -239,6 +243,7 @@ class Record:
         self, k: int, v: Tensor, *, want_state: bool = True
     ) -> tuple[Tensor | None, Tensor]:
         entry, step_map = self._entry(k), self._step_map()
+        self.products += 1
         if isinstance(entry, Kept):
             w_step, _ = self.meta.copies()
             with torch.enable_grad():
@@ -286,6 +291,7 @@ class Record:
                     self.meta,
                     chunk_size=chunk_size,
                 )
+                self.products += n
                 return self._flat_meta(grads)
             except (RuntimeError, NotImplementedError, ValueError) as err:
                 _vmap_failed(err)
@@ -299,6 +305,7 @@ class Record:
         return self.mixed_at(params, v, k=min(k, max(self.steps - 1, 0)))
 
     def mixed_at(self, params: Tensor, v: Tensor, *, k: int = 0) -> Tensor:
+        self.products += 1
         _, grads = engine.pullback(
             self._loss(k),
             lambda z, g, w: g,
@@ -320,6 +327,7 @@ class Record:
         if vectorize and n > 1:
             batched = self._batched(entries, vectors, chunk_size)
             if batched is not None:
+                self.products += n
                 return batched
         return torch.stack([self.apply(start + r, vectors[r]) for r in range(n)])
 
@@ -378,11 +386,13 @@ class Record:
         if k < self.steps:
             entry = self._entry(k)
             if isinstance(entry, Kept):
+                self.products += 1
                 return pull(entry.grads, entry.params, self.spec.split(v))
         params = self.snapshot(k)[: self.param_dim]
         return self.hvp_at(params, v, k=min(k, max(self.steps - 1, 0)))
 
     def hvp_at(self, params: Tensor, v: Tensor, *, k: int = 0) -> Tensor:
+        self.products += 1
         return engine.hvp(_constant(self._loss(k)), params, v)
 
     def vector_field(self, params: Tensor, *, create_graph: bool = False) -> Tensor:
