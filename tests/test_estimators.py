@@ -13,7 +13,6 @@ import torch
 import torchopt_metagrad as tmg
 from torchopt_metagrad.diagnostics import (
     Comparison,
-    compare,
     compare_to_exact,
     curvature_regime,
     hessian_norm,
@@ -174,10 +173,11 @@ def test_compare_to_exact_closed_forms():
     assert given.rel_error == pytest.approx(first.rel_error, rel=1e-12)
 
 
-def test_compare_of_two_vectors():
-    result = compare(torch.tensor([1.0, 0.0], dtype=DT), torch.tensor([0.0, 1.0], dtype=DT))
+def test_comparison_of_two_vectors():
+    between = Comparison.between
+    result = between(torch.tensor([1.0, 0.0], dtype=DT), torch.tensor([0.0, 1.0], dtype=DT))
     assert result.rel_error == pytest.approx(math.sqrt(2)) and result.cosine == 0.0
-    parallel = compare(torch.tensor([2.0, 2.0], dtype=DT), torch.tensor([1.0, 1.0], dtype=DT))
+    parallel = between(torch.tensor([2.0, 2.0], dtype=DT), torch.tensor([1.0, 1.0], dtype=DT))
     assert parallel == Comparison(1.0, pytest.approx(1.0, abs=1e-15))
 
 

@@ -28,8 +28,7 @@ __all__ = ["reset_call_site_warnings", "warn_at_call_site"]
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _INTERNAL = tuple(
-    d + os.sep
-    for d in (_PACKAGE, os.path.dirname(os.path.abspath(torch.__file__ or _PACKAGE)))
+    d + os.sep for d in (_PACKAGE, os.path.dirname(os.path.abspath(torch.__file__ or _PACKAGE)))
 )
 _seen: set[tuple[str, str, int]] = set()
 _lock = threading.Lock()

@@ -83,7 +83,9 @@ class Binomial(StepProductRule):
     ``tol`` of its norm; the adjoints for meta-parameters are those of the order chosen.
     Cost: :math:`L K - L(L-1)/2` products in ``L`` serial batched calls for the order
     ``L`` it stops at, i.e. :math:`L(L-1)/2` more than ``Binomial(L)`` (which cannot know
-    ``L`` beforehand). When stage ``min(max_order, K)`` has not reached ``tol`` it
+    ``L`` beforehand). When stage ``min(max_order, K)`` has not reached ``tol`` (or
+    earlier, when a stage's contribution is ``>= 1`` and larger than the previous one's:
+    the terms still grow) it
     finishes the exact product from the exact adjoint :math:`v_{K-\mathrm{max\_order}}`
     that the stages already hold (``K - max_order`` more serial products), returns it and
     warns (``RegimeWarning``). The order used is reported in :class:`BinomialInfo`
@@ -196,16 +198,17 @@ class Binomial(StepProductRule):
         )
         L = run.order
         if run.converged:
-            info = BinomialInfo(L, auto=True, contribution=run.contribution, reliable=True)
+            info = BinomialInfo(L, auto=True, contribution=run.contribution, reliable=True, tried=L)
             if not record.meta_dim:
                 return Estimate(run.s[0], info)
             adjoints = torch.cat([run.s[1:], torch.stack(run.exact[::-1])])
             return Estimate(run.s[0], info, self._meta(record, adjoints))
+        why = "its terms still grow at order" if run.growing else "it did not reach tol by order"
         warn_at_call_site(
-            f"Binomial(order='auto'): the expansion did not reach tol={self.tol:g} by order "
-            f"{L} (the last stage changed the estimate by {run.contribution:.3g} of its "
-            f"norm), so it returned the exact product (tmg.Exact()'s value, {K - L} more "
-            f"serial products). Raise max_order, or use tmg.Exact() at this curvature",
+            f"Binomial(order='auto', tol={self.tol:g}): {why} {L} (that stage changed the "
+            f"estimate by {run.contribution:.3g} of its norm), so it returned the exact "
+            f"product (tmg.Exact()'s value, {K - L} more serial products). At this curvature "
+            "use tmg.Exact() (cheaper), or raise max_order",
             RegimeWarning,
         )
         # run.exact[m] = v_{K-m} exactly, m = 0..L: finish the product from v_{K-L}.
@@ -220,7 +223,12 @@ class Binomial(StepProductRule):
             vectorize=self.vectorize,
         )
         info = BinomialInfo(
-            K, auto=True, contribution=run.contribution, reliable=False, fell_back=True
+            K,
+            auto=True,
+            contribution=run.contribution,
+            reliable=False,
+            fell_back=True,
+            tried=L,
         )
         if isinstance(out, Estimate):
             return Estimate(out.value, info, out.meta)

@@ -24,6 +24,9 @@ row and an O(K L) recursion on K numbers, no extra product.
 (``K-m+1`` products at stage ``m`` instead of ``K-L+1``), so every stage ends with
 :math:`s_m^{(0)}` whatever the final order; stop at the first ``m`` where the stage's
 contribution :math:`\|s_m^{(0)} - s_{m-1}^{(0)}\| \le \mathrm{tol}\,\|s_m^{(0)}\|`.
+It gives up at ``max_order``, or earlier when the series diverges for now: a stage whose
+contribution is at least the estimate's norm and larger than the previous stage's (the
+terms of degree ``m`` still grow, so reaching ``tol`` would take many more stages).
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class BinomialInfo:
             the exact product.
         step_norms: fixed order with ``check``: :math:`\hat\rho_k`, the per-step lower
             estimates of :math:`\|A_k\|` (``lr ||H_k||``), ``k = 0..K-1``.
+        tried: ``order="auto"``: the highest order whose stage ran.
     """
 
     order: int
@@ -84,6 +88,7 @@ class BinomialInfo:
     reliable: bool | None = None
     fell_back: bool = False
     step_norms: tuple[float, ...] | None = None
+    tried: int | None = None
 
 
 def elementary_symmetric(values: list[float], n: int) -> float:
@@ -153,6 +158,7 @@ class AutoResult:
     order: int
     converged: bool
     contribution: float
+    growing: bool  # gave up early: the terms still grow
     s: Tensor  # s_L^{(j)}, j in [0, K-L]
     exact: list[Tensor]  # s_m^{(K-m)} = v_{K-m}, m = 0..L (the last only when not converged)
 
@@ -168,7 +174,8 @@ def auto_stages(
 ) -> AutoResult:
     """Stages over the full ranges until the last one's contribution is ``<= tol``.
 
-    Stops at order ``K`` (the exact product) or ``min(max_order, K)``.
+    Stops at order ``K`` (the exact product), ``min(max_order, K)``, or at a stage whose
+    contribution is ``>= 1`` and larger than the previous one (not converged).
     """
     K = record.num_steps
     top = min(max_order, K)
@@ -180,12 +187,17 @@ def auto_stages(
         ensure_finite(w, partial(where, w, m, 0))
         cur = prev[-1] + w.flip(0).cumsum(0).flip(0)  # s_m^{(j)}, j in [0, K - m]
         change, size = float((cur[0] - prev[0]).norm()), float(cur[0].norm())
-        contribution = change / size if size > 0 else (0.0 if change == 0 else math.inf)
+        last, contribution = (
+            contribution,
+            (change / size if size > 0 else (0.0 if change == 0 else math.inf)),
+        )
         if m == K or contribution <= tol:
-            return AutoResult(m, True, contribution, cur, exact)
+            return AutoResult(m, True, contribution, False, cur, exact)
         exact.append(cur[-1])
         prev = cur
-    return AutoResult(top, False, contribution, prev, exact)
+        if m >= 2 and contribution >= 1 and contribution > last:
+            return AutoResult(m, False, contribution, True, prev, exact)
+    return AutoResult(top, False, contribution, False, prev, exact)
 
 
 def where(w: Tensor, m: int, lo: int) -> str:
