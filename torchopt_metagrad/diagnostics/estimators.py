@@ -164,8 +164,7 @@ def inner_iterates(
     _check_inner(steps, lr)
     spec, record = _record(loss_fn, params, batch, steps, lr)
     return [
-        {k: v.detach() for k, v in spec.unflatten(record.snapshot(k)).items()}
-        for k in range(steps)
+        {k: v.detach() for k, v in spec.unflatten(record.snapshot(k)).items()} for k in range(steps)
     ]
 
 
