@@ -68,7 +68,7 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def grid_setting(lr, K):
     """Mean errors of T1, B1, T2, B2; per task whether B1 / B2 warned; auto's outcomes."""
     tasks = sine_problem()[2]
