@@ -222,7 +222,7 @@ def step_norms(
     """
     check_int(iters, "iters", minimum=1)
     K, n = record.num_steps, record.state_dim
-    ref = record.snapshot(0)
+    ref = record.snapshot(K)  # the final state: always stored
     v = torch.randn(K, n, generator=generator, dtype=ref.dtype).to(ref.device)
     v = v / v.norm(dim=1, keepdim=True)
     norms = v.new_zeros(K)
