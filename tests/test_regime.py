@@ -151,7 +151,8 @@ def test_elementary_symmetric_polynomials():
 
 
 def test_regime_estimate_from_the_rules_own_products(problem):
-    """rho_k = ||A_k g|| / ||g|| for Binomial(1); dropped = e_2(rho) ||g|| / ||estimate||."""
+    """rho_k = ||A_k g|| / ||g|| for Binomial(1); dropped = sum_{n >= 2} e_n(rho) ||g|| /
+    ||estimate||."""
     K, lr = 4, 0.3
     params = problem.params
     with collect() as reports, pytest.warns(tmg.RegimeWarning):
@@ -174,7 +175,8 @@ def test_regime_estimate_from_the_rules_own_products(problem):
         rho.append(float(lr * torch.cat([x.reshape(-1) for x in hv]).norm() / g.norm()))
     info = reports[0].info
     assert info.step_norms == pytest.approx(rho, rel=1e-10)
-    expected = elementary_symmetric(rho, 2) * float(g.norm()) / float(estimate.norm())
+    tail = sum(elementary_symmetric(rho, n) for n in range(2, K + 1))
+    expected = tail * float(g.norm()) / float(estimate.norm())
     assert info.dropped == pytest.approx(expected, rel=1e-10)
 
 

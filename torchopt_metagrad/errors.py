@@ -36,10 +36,10 @@ class SolverWarning(UserWarning):
 class RegimeWarning(UserWarning):
     """A truncated expansion of the meta-gradient is unreliable at this curvature.
 
-    ``Binomial(L)`` emits it when its own Hessian-vector products estimate that the first
-    term it drops is not small next to its estimate (the number is in the message and in
-    ``tmg.BinomialInfo``); ``Binomial("auto")`` when its series did not reach ``tol`` by
-    ``max_order`` and it fell back to the exact product. Shown once per call site (the
+    ``Binomial(L)`` emits it when its own Hessian-vector products estimate that the terms
+    it drops are not small next to its estimate (the number is in the message and in
+    ``tmg.BinomialInfo.dropped``); ``Binomial("auto")`` when its series did not converge
+    by ``max_order`` and it returned the exact product instead. Shown once per call site (the
     line of user code that ran the backward); ``check=False`` switches the check off.
     """
 

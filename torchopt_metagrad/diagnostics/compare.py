@@ -102,7 +102,7 @@ class RuleRow:
                 return f"auto: order {info.order}"
             if info.dropped is not None and info.order:
                 flag = " (warns)" if info.reliable is False else ""
-                return f"dropped term ~{info.dropped:.2g} of estimate{flag}"
+                return f"drops ~{info.dropped:.2g} of estimate{flag}"
         if isinstance(info, CGInfo):
             return f"CG: {info.iterations} it., residual {info.residual:.1e}"
         return ""

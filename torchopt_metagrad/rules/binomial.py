@@ -71,9 +71,9 @@ class Binomial(StepProductRule):
 
     Regime check (``check=True``, fixed order): from the norms of the products it computes
     anyway (:math:`\|w_i\| / \|s\|`, a lower estimate of :math:`\mathrm{lr}\,\|H_i\|`)
-    it estimates the first dropped term relative to the estimate (``BinomialInfo.dropped``;
+    it estimates the part it drops relative to the estimate (``BinomialInfo.dropped``;
     ``tmg.rules.binomial_series``) and emits one :class:`~torchopt_metagrad.RegimeWarning`
-    per call site when it exceeds ``REGIME_THRESHOLD`` (0.25). Cost: no extra product; two
+    per call site when it exceeds ``REGIME_THRESHOLD`` (0.15). Cost: no extra product; two
     norms per product row and one transfer of K numbers to the host per backward
     (``benchmarks/bench_regime.py``).
 
@@ -238,7 +238,7 @@ class Binomial(StepProductRule):
         L, top = int(self.order), max(range(len(rho)), key=rho.__getitem__)
         return (
             f"Binomial({L}): the truncated expansion looks unreliable at this curvature: the "
-            f"first term it drops is estimated at {dropped:.3g} times the norm of its estimate "
+            f"terms it drops are estimated at {dropped:.3g} times the norm of its estimate "
             f"(threshold {REGIME_THRESHOLD:g}; from its own products, ||A_k|| = lr*||H_k|| >= "
             f"{rho[top]:.3g} at inner step {top}, K={steps} steps). Use a larger order or "
             f"tmg.Binomial('auto'), tmg.Truncated(L), or tmg.Exact(); "
