@@ -113,8 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}. "
         f"Command: python benchmarks/bench_meta_memory.py --steps {k1} {k2}",
         "",
-        "| case | d | \\|w\\| | rule | peak K=%d (MB) | peak K=%d (MB) | floats / step |"
-        % (k1, k2),
+        "| case | d | \\|w\\| | rule | peak K=%d (MB) | peak K=%d (MB) | floats / step |" % (k1, k2),
         "|---|---:|---:|---|---:|---:|---:|",
     ]
     for case in CASES:

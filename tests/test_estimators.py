@@ -324,8 +324,9 @@ def test_step_norms_are_batched_power_iteration(problem):
     """One apply_many sweep per iteration; the same norms as hessian_norm at each iterate."""
     steps, lr = 3, 0.3
     with tmg.diagnostics.collect() as reports:
+        gen = torch.Generator().manual_seed(0)
         _, norms = curvature_regime(problem.loss, problem.params, problem.inner, steps=steps,
-                                    lr=lr, iters=400, generator=torch.Generator().manual_seed(0))  # fmt: skip
+                                    lr=lr, iters=400, generator=gen)  # fmt: skip
     assert reports == []  # diagnostics only: no meta-gradient was computed
     for phi, norm in zip(inner_iterates(problem.loss, problem.params, problem.inner,
                                         steps=steps, lr=lr), norms):  # fmt: skip
