@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}. "
         f"Command: python benchmarks/bench_meta_memory.py --steps {k1} {k2}",
         "",
-        "| case | d | \\|w\\| | rule | peak K=%d (MB) | peak K=%d (MB) | floats / step |" % (k1, k2),
+        f"| case | d | \\|w\\| | rule | peak K={k1} (MB) | peak K={k2} (MB) | floats / step |",
         "|---|---:|---:|---|---:|---:|---:|",
     ]
     for case in CASES:

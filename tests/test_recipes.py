@@ -1,5 +1,6 @@
 """The recipes: each main runs on tiny settings; resume and interruption are exact; bad
-checkpoints give clear errors; the command line builds any rule from the registry."""
+checkpoints give clear errors; the command line builds any rule from the registry; a learned
+inner lr (--learn-lr) and ANIL (--anil) are trained, checkpointed and used at meta-test time."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -228,3 +230,187 @@ def test_methods_use_the_library_rule_grammar():
                          ("binomial:order=1,steps=x", "knob 'steps': expected int")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             parse_method(bad)
+
+
+# --- learned inner lr (Meta-SGD / MAML++ / one rate) and ANIL --------------------------
+
+TINY_EXACT = [
+    "--mode", "train", "--rule", "exact", "--steps", "2", "--meta-steps", "6",
+    "--meta-batch", "2", "--eval-every", "3", "--checkpoint-every", "4", "--test-tasks", "4",
+    "--test-steps", "3", "--no-progress", "--no-plots",
+]  # fmt: skip
+LAST = ["4.weight", "4.bias"]  # the sine MLP's last Linear
+
+
+def initial_mlp(seed: int = 0) -> torch.nn.Module:
+    """The network a run with ``--seed seed`` starts from."""
+    from recipes.common.env import seed_everything
+    from workloads.sine import make_mlp
+
+    seed_everything(seed)
+    return make_mlp()
+
+
+def by_hand_test_curve(model, problem, lr, adapt, steps):
+    """Plain GD on each test task, one task at a time: lr float, (K,) or {name: tensor}."""
+    from recipes.common.evaluation import mse
+
+    (xs, ys), (xq, yq) = problem.test_support, problem.test_query
+    curve = []
+    for i in range(xs.shape[0]):
+        phi = {k: v.detach().clone() for k, v in model.named_parameters()}
+        row = []
+        for k in range(steps + 1):
+            with torch.no_grad():
+                row.append(float(mse(torch.func.functional_call(model, phi, (xq[i],)), yq[i])))
+            names = adapt or list(phi)
+            leaves = [phi[n].requires_grad_() for n in names]
+            loss = mse(torch.func.functional_call(model, phi, (xs[i],)), ys[i])
+            grads = torch.autograd.grad(loss, leaves)
+            for n, g in zip(names, grads):
+                if isinstance(lr, dict):
+                    rate = lr[n]
+                elif isinstance(lr, torch.Tensor) and lr.dim() == 1:  # per step, then the last
+                    rate = lr[min(k, lr.numel() - 1)]
+                else:
+                    rate = lr
+                phi[n] = (phi[n] - rate * g).detach()
+        curve.append(row)
+    return torch.tensor(curve).mean(0)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--learn-lr", "scalar"],
+        ["--learn-lr", "per-step"],
+        ["--learn-lr", "per-parameter"],
+        ["--anil"],
+        ["--learn-lr", "per-parameter", "--anil"],
+    ],
+)
+def test_sine_learned_lr_and_anil(tmp_path, flags):
+    from recipes.sine.tasks import SineProblem
+
+    result = sine_main([*TINY_EXACT, *flags, "--out", str(tmp_path)])["train"]
+    assert result["completed"]
+    ckpt = load_checkpoint(tmp_path / "train" / "checkpoint.pt")
+    assert ckpt["config"]["learn_lr"] == result["inner"]["learn_lr"]
+    init = initial_mlp()
+    adapt = LAST if "--anil" in flags else None
+    assert result["inner"]["adapt"] == (adapt or "all")
+    shapes = {n: p.shape for n, p in init.named_parameters()}
+    mode = flags[1] if "--learn-lr" in flags else "off"
+    want = {
+        "off": {},
+        "scalar": {"lr": torch.Size([])},
+        "per-step": {"lr": torch.Size([2])},
+        "per-parameter": {n: shapes[n] for n in adapt or shapes},
+    }[mode]
+    rates = ckpt["inner"]
+    assert {k: v.shape for k, v in rates.items()} == want
+    for rate in rates.values():  # meta-learned: moved away from --inner-lr (0.01)
+        assert not torch.allclose(rate, torch.full_like(rate, 0.01))
+    logged = read_jsonl(tmp_path / "train" / "metrics.jsonl")[-1]
+    assert ("inner/lr_mean" in logged) == (mode != "off")
+    # The body is meta-learned in every mode (with --anil: through the inner loop only).
+    for name in ("0.weight", "2.weight"):
+        assert not torch.equal(ckpt["model"][name], init.state_dict()[name])
+    # The meta-test curve adapts with the learned rates and the adapt list.
+    model = initial_mlp()
+    model.load_state_dict(ckpt["model"])
+    problem = SineProblem(shots=10, query_shots=10, test_tasks=4, eval_steps=2, seed=0,
+                          device=torch.device("cpu"), dtype=torch.float32)  # fmt: skip
+    lr = rates.get("lr", rates) if rates else 0.01
+    expected = by_hand_test_curve(model, problem, lr, adapt, 3)
+    torch.testing.assert_close(torch.tensor(result["test_curve"]["mean"]), expected)
+    if mode != "off":  # ... not the fixed step size
+        fixed = by_hand_test_curve(model, problem, 0.01, adapt, 3)
+        assert not torch.allclose(fixed[1:], expected[1:])
+
+
+class HardKill(Exception):
+    """Stands in for SIGKILL: the run stops mid-way without a checkpoint of its own."""
+
+
+@pytest.mark.parametrize(
+    ("flags", "how"),
+    [(["--learn-lr", "per-parameter"], "sigterm"), (["--learn-lr", "per-step", "--anil"], "kill")],
+)
+def test_sine_learned_lr_resume_is_exact(tmp_path, flags, how):
+    argv = [*TINY_EXACT, *flags]
+    full = sine_main([*argv, "--out", str(tmp_path / "full")])["train"]
+
+    def stop_at_5(step, record, stop):
+        if step == 5:
+            if how == "kill":
+                raise HardKill  # the last checkpoint on disk is step 4's
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cut = tmp_path / "cut"
+    if how == "kill":
+        with pytest.raises(HardKill):
+            sine_main([*argv, "--out", str(cut)], callbacks=[stop_at_5])
+    else:
+        assert sine_main([*argv, "--out", str(cut)], callbacks=[stop_at_5])["train"]["interrupted"]
+    saved = load_checkpoint(cut / "train" / "checkpoint.pt")
+    assert saved["step"] == (4 if how == "kill" else 5)
+    final = load_checkpoint(tmp_path / "full" / "train" / "checkpoint.pt")["inner"]
+    for k, v in saved["inner"].items():  # a mid-run rate, not the final one
+        assert not torch.equal(v, final[k])
+    resumed = sine_main([*argv, "--out", str(cut), "--resume"])["train"]
+    assert without_times(resumed) == without_times(full)
+    metrics = "train/metrics.jsonl"
+    assert records(cut / metrics) == records(tmp_path / "full" / metrics)
+    done = load_checkpoint(cut / "train" / "checkpoint.pt")
+    for k, v in final.items():
+        assert torch.equal(done["inner"][k], v)
+
+
+def test_resume_with_other_inner_options_is_refused(tmp_path):
+    argv = [*TINY_EXACT, "--out", str(tmp_path), "--stop-after", "2"]
+    sine_main([*argv, "--learn-lr", "per-step"])
+    with pytest.raises(ValueError, match=r"other settings[\s\S]*--learn-lr: checkpoint 'per-step'"):
+        sine_main([*argv, "--resume", "--learn-lr", "scalar"])
+    with pytest.raises(ValueError, match=r"other settings[\s\S]*--anil: checkpoint False"):
+        sine_main([*argv, "--resume", "--learn-lr", "per-step", "--anil"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--learn-lr", "bogus"], r"argument --learn-lr: invalid choice: 'bogus'"),
+        (["--learn-lr", "scalar", "--rule", "reptile"], r"--learn-lr scalar needs a meta-grad"),
+        (["--anil", "--rule", "reptile"], r"--anil needs a meta-gradient rule"),
+        (["--learn-lr", "per-step", "--rule", "implicit_cg", "--reg", "1"],
+         r"--learn-lr per-step with implicit_cg\(reg=1\): ImplicitCG .*learned lr"),
+    ],
+)  # fmt: skip
+def test_bad_inner_options_are_clear_errors(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        parse_config(SineConfig, argv)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_inner_options_outside_the_command_line():
+    with pytest.raises(ValueError, match="--learn-lr must be one of off, scalar"):
+        SineConfig(learn_lr="per-layer")
+    assert SineConfig(anil=True, rule="implicit_cg:reg=1").anil  # the IFT gives the body one
+
+
+def test_sine_seeds_summary(tmp_path, capsys):
+    from recipes.sine.seeds import main as seeds_main
+
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}"
+        sine_main([*TINY_EXACT, "--learn-lr", "scalar", "--seed", str(seed), "--out", str(out)])
+        runs.append(str(out))
+    capsys.readouterr()
+    text = seeds_main(["--steps", "0,1,3", f"Meta={','.join(runs)}"])
+    curves = [json.loads((Path(r) / "train" / "result.json").read_text()) for r in runs]
+    one = [c["test_curve"]["mean"][1] for c in curves]
+    mean, std = sum(one) / 2, abs(one[0] - one[1]) / 2**0.5
+    assert f"{mean:.3f} ± {std:.3f}" in text and "| Meta   |    0 |" in text
+    with pytest.raises(SystemExit):
+        seeds_main(["--steps", "7", f"Meta={runs[0]}"])  # no value at 7 steps

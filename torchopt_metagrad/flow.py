@@ -24,10 +24,11 @@ from torchopt_metagrad._core import ode as _ode
 from torchopt_metagrad._core.checks import check_callable, check_params, check_positive
 from torchopt_metagrad._core.closed import closed_meta
 from torchopt_metagrad._core.flat import FlatSpec
-from torchopt_metagrad._core.link import Link
+from torchopt_metagrad._core.link import Link, over_tasks
 from torchopt_metagrad._core.needs import Offers, check_fit
 from torchopt_metagrad._core.record import Record
 from torchopt_metagrad._core.replay import StepLoss
+from torchopt_metagrad._core.tasks import is_batched
 from torchopt_metagrad.errors import NonFiniteError
 from torchopt_metagrad.functional import flat_loss
 from torchopt_metagrad.rules.adjoint import Adjoint
@@ -79,9 +80,22 @@ def flow(
         ODESolveError: the forward (or backward) solve failed or ran out of steps.
         NonFiniteError: a stored state is not finite.
     """
+    rule = Adjoint() if rule is None else rule
+    if is_batched(params, batch):  # under torch.func.vmap: one flow per task
+        check_rule(rule)
+        names = list(check_params(params).names)
+        outputs = over_tasks(
+            lambda a: flow(
+                loss_fn, a[0], a[1], T=T, rule=rule, solver=solver, save_every=save_every
+            ),
+            (dict(params), batch),
+            names,
+            rule,
+            "tmg.flow",
+        )
+        return dict(zip(names, outputs, strict=True))
     spec = check_params(params)
     check_callable(loss_fn, "loss_fn")
-    rule = Adjoint() if rule is None else rule
     check_rule(rule)
     T = check_positive(T, "T")
     save_every = check_positive(save_every, "save_every")
@@ -157,6 +171,8 @@ def implicit(
 
         @functools.wraps(solver)
         def wrapped(params: Mapping[str, Tensor], batch: Any = None) -> dict[str, Tensor]:
+            if is_batched(params, batch):
+                return _per_task(wrapped, params, batch, rule, "tmg.implicit")
             spec = check_params(params)
             anchor = {k: t.detach().clone() for k, t in params.items()}
             with torch.enable_grad():  # the solver may take gradients; the anchor is constant
@@ -215,6 +231,8 @@ def adjoint(
 
         @functools.wraps(dynamics)
         def wrapped(params: Mapping[str, Tensor], batch: Any = None) -> dict[str, Tensor]:
+            if is_batched(params, batch):
+                return _per_task(wrapped, params, batch, rule, "tmg.adjoint")
             spec = check_params(params)
             start = {k: t.detach().clone().requires_grad_(True) for k, t in params.items()}
             with torch.enable_grad():  # the dynamics take gradients of the inner loss
@@ -241,6 +259,15 @@ def adjoint(
         return wrapped
 
     return decorator
+
+
+def _per_task(
+    wrapped: Callable[..., dict[str, Tensor]], params: Any, batch: Any, rule: Any, owner: str
+) -> dict[str, Tensor]:
+    """A decorated solver under ``torch.func.vmap``: run it once per task."""
+    names = list(check_params(params).names)
+    outputs = over_tasks(lambda a: wrapped(a[0], a[1]), (dict(params), batch), names, rule, owner)
+    return dict(zip(names, outputs, strict=True))
 
 
 def _offers(name: str, *, flow_samples: bool, proximal: bool = False) -> Offers:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from torchopt_metagrad._core.batched import TaskBatch, run_batched, slices
 from torchopt_metagrad._core.checks import (
     check_adapt,
     check_batches,
@@ -15,13 +18,17 @@ from torchopt_metagrad._core.checks import (
     check_int,
     check_params,
 )
+from torchopt_metagrad._core.closed import closed_over
+from torchopt_metagrad._core.engine import warn_once
 from torchopt_metagrad._core.flat import FlatSpec
-from torchopt_metagrad._core.link import Link
+from torchopt_metagrad._core.link import Link, over_tasks
 from torchopt_metagrad._core.loop import InnerLoop
 from torchopt_metagrad._core.needs import Needs, Offers, check_fit
-from torchopt_metagrad._core.replay import StepLoss
+from torchopt_metagrad._core.replay import StepLoss, evaluate_pure
 from torchopt_metagrad._core.steps import AbstractStepMap, step_map_factory
-from torchopt_metagrad.rules.base import AbstractRule, check_rule
+from torchopt_metagrad._core.tasks import is_batched
+from torchopt_metagrad.errors import NonFiniteError
+from torchopt_metagrad.rules.base import AbstractRule, GraphRule, StepProductRule, check_rule
 
 __all__ = ["Layout", "adapt", "flat_loss", "run_loop"]
 
@@ -93,6 +100,23 @@ def adapt(
             meta-gradient (backward), is not finite; the message names the step.
     """
     names = check_adapt(adapt, params)
+    if is_batched(params, batch, batches, lr):  # under torch.func.vmap: one loop per task
+        check_callable(loss_fn, "loss_fn")
+        steps = check_int(steps, "steps", minimum=1)
+        check_rule(rule)
+        rule.validate(steps)
+        check_batches(batch, batches, steps)
+        keep = dict(steps=steps, rule=rule, optimizer=optimizer, adapt=adapt)
+        outputs = over_tasks(
+            lambda a: _adapt(loss_fn, a[0], a[1], batches=a[2], lr=a[3], **keep),
+            (dict(params), batch, batches, lr),
+            names,
+            rule,
+            "tmg.adapt",
+            fast=partial(_all_tasks, loss_fn, names, steps, rule, optimizer),
+        )
+        by_name = dict(zip(names, outputs, strict=True))
+        return {n: by_name.get(n, params[n]) for n in params}
     spec = check_params({n: params[n] for n in names} if adapt is not None else params)
     layout = None if adapt is None else Layout.of(params, names)
     check_callable(loss_fn, "loss_fn")
@@ -125,12 +149,106 @@ def adapt(
         rule_name=type(rule).__name__,
     )
     if needs.graph:
-        adapted = spec.split(loop.params)
+        final = spec.split(loop.params)
     else:
         record = loop.record()
-        adapted = list(Link.apply(record, rule, "tmg.adapt", *leaves, *record.meta.tensors))
-    out = dict(zip(spec.names, adapted, strict=True))
+        final = list(Link.apply(record, rule, "tmg.adapt", *leaves, *record.meta.tensors))
+    out = dict(zip(spec.names, final, strict=True))
     return out if layout is None else {n: out.get(n, params[n]) for n in params}
+
+
+_adapt = adapt  # inside adapt, the name is its argument
+
+
+def _all_tasks(
+    loss_fn: Any,
+    names: tuple[str, ...],
+    steps: int,
+    rule: AbstractRule,
+    optimizer: Any,
+    args: Any,
+    dims: Any,
+    size: int,
+) -> Sequence[Tensor] | None:
+    """Every task's inner loop at once (``_core.batched``), or ``None`` when that does
+    not apply: meta-parameters, a fixed-point or flow rule, a loss that draws random
+    numbers or writes buffers, or one that torch.func cannot run."""
+    params, batch, batches, lr = args
+    p_dims, b_dims, bs_dims, _ = dims
+    if isinstance(lr, (Tensor, Mapping)) or not isinstance(rule, (StepProductRule, GraphRule)):
+        return None
+    fixed = [n for n in params if n not in names]
+    if any(params[n].requires_grad or p_dims[n] is not None for n in fixed):
+        return None  # fixed entries that are meta-parameters, or differ per task
+    check_params({n: params[n] for n in names})  # the unbatched tensors
+    shapes = {n: _task_shape(params[n], p_dims[n]) for n in names}
+    first = params[names[0]]
+    spec = FlatSpec(
+        names,
+        tuple(shapes.values()),
+        tuple(s.numel() for s in shapes.values()),
+        first.dtype,
+        first.device,
+    )
+    layout = None if len(names) == len(params) else Layout.of(params, names)
+    fn = flat_loss(loss_fn, spec, layout)
+    factory, _, _ = step_map_factory(lr, optimizer, steps=steps)
+    step_map = factory(spec, None)
+    per_step = (
+        [TaskBatch(batch, b_dims)] * steps
+        if batches is None
+        else [TaskBatch(b, d) for b, d in zip(batches, bs_dims, strict=True)]
+    )
+    if not _plain_loss(fn, spec, params, p_dims, per_step[0]):
+        return None
+    thetas = [params[n] for n in names]
+    theta_dims = [p_dims[n] for n in names]
+    needs = rule.needs(steps)
+    try:
+        out = run_batched(
+            fn,
+            spec,
+            step_map,
+            thetas,
+            theta_dims,
+            per_step,
+            size,
+            first=needs.snapshots_from,
+            unrolled=needs.graph,
+        )
+    except (RuntimeError, NotImplementedError, ValueError) as err:
+        if isinstance(err, NonFiniteError):
+            raise
+        warn_once(
+            "tasks:" + type(err).__name__,
+            f"torch.func.vmap could not run the tasks' inner loops together "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "they run one after another (same result, slower)",
+        )
+        return None
+    if isinstance(out, tuple):  # Unrolled: the batched loop's graph
+        return out
+    return Link.apply(out, rule, "tmg.adapt", *thetas)
+
+
+def _task_shape(t: Tensor, dim: int | None) -> torch.Size:
+    if dim is None:
+        return t.shape
+    return torch.Size(s for i, s in enumerate(t.shape) if i != dim)
+
+
+def _plain_loss(fn: Any, spec: FlatSpec, params: Any, dims: Any, batch: TaskBatch) -> bool:
+    """Task 0's first loss draws no random numbers, writes no buffers and closes over no
+    tensor that requires grad (else the per-task path handles it). No side effects."""
+    theta = spec.flatten([_slice(params[n], dims[n]) for n in spec.names])
+    with torch.enable_grad():
+        leaf = theta.detach().requires_grad_(True)
+        value, pure = evaluate_pure(fn, leaf, slices(batch.tree, batch.dims, 0))
+    return pure and isinstance(value, Tensor) and not closed_over([value], [leaf])
+
+
+def _slice(t: Tensor, dim: int | None) -> Tensor:
+    return t if dim is None else t.select(dim, 0)
 
 
 def run_loop(

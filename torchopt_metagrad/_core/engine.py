@@ -33,6 +33,7 @@ __all__ = [
     "meta_pullback_many",
     "pullback",
     "reset_fallback_warnings",
+    "vjp_function",
     "vjp_increment",
     "vjp_increment_many",
     "warn_once",
@@ -84,12 +85,7 @@ def vjp_increment_many(
     when the model cannot be batched (the caller falls back to a loop).
     """
 
-    def one(z: Tensor, a: Any, b: Any, v: Tensor) -> Tensor:
-        def increment(z_: Tensor) -> Tensor:
-            grad = torch.func.grad(loss)(z_[:param_dim], b)
-            return delta(z_, grad, a)
-
-        return torch.func.vjp(increment, z)[1](v)[0]
+    one = vjp_function(loss, delta, param_dim)
 
     with warnings.catch_warnings():
         # PyTorch notes ops without a batching rule (e.g. torchopt's Adam uses addcmul_);
@@ -224,6 +220,24 @@ def meta_pullback_many(
 
 def _take(tree: Any, rows: slice) -> Any:
     return pytree.tree_map(lambda t: t[rows], tree)
+
+
+def vjp_function(
+    loss: Callable[[Tensor, Any], Tensor],
+    delta: Callable[[Tensor, Tensor, Any], Tensor],
+    param_dim: int,
+) -> Callable[[Tensor, Any, Any, Tensor], Tensor]:
+    """``(z, aux, batch, v) -> `` the VJP with ``v`` of ``z -> delta(z, grad loss(z[:P], batch),
+    aux)``, written with ``torch.func`` only (vmappable)."""
+
+    def one(z: Tensor, a: Any, b: Any, v: Tensor) -> Tensor:
+        def increment(z_: Tensor) -> Tensor:
+            grad = torch.func.grad(loss)(z_[:param_dim], b)
+            return delta(z_, grad, a)
+
+        return torch.func.vjp(increment, z)[1](v)[0]
+
+    return one
 
 
 def reset_fallback_warnings() -> None:

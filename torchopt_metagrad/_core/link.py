@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from torchopt_metagrad._core.checks import ensure_finite
 from torchopt_metagrad._core.closed import describe
 from torchopt_metagrad._core.protocol import Estimate
 from torchopt_metagrad._core.record import Record
+from torchopt_metagrad._core.tasks import TaskJob
 
-__all__ = ["Link", "RuleReport", "collect"]
+__all__ = ["Link", "RuleReport", "collect", "over_tasks"]
 
 
 @dataclass(frozen=True)
@@ -88,18 +90,38 @@ def _publish(report: RuleReport) -> None:
 
 class Link(torch.autograd.Function):
     """``(record, rule, owner, *theta, *meta) -> params of the final state``; backward runs
-    the rule."""
+    the rule.
+
+    Under ``torch.func.vmap`` (a front end called on one task of a batch of tasks), the
+    front end passes a :class:`~torchopt_metagrad._core.tasks.TaskJob` instead of a record,
+    with every tensor the job reads as an input; :meth:`vmap` runs the job per task on the
+    unbatched tensors (each task's inner loop and record as without vmap) and stacks the
+    results, so each task's meta-gradient is the rule's, exactly as in a loop over tasks.
+    """
 
     @staticmethod
-    def forward(ctx: Any, record: Record, rule: Any, owner: str, *inputs: Tensor) -> Any:
-        ctx.rule, ctx.owner = rule, owner
+    def forward(record: Any, rule: Any, owner: str, *inputs: Tensor) -> Any:
+        if isinstance(record, TaskJob):
+            raise RuntimeError(
+                f"{owner}: internal error: a per-task job reached the forward outside vmap"
+            )
+        return record.outputs()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        record, ctx.rule, ctx.owner = inputs[:3]
         # Snapshots go through save_for_backward so autograd frees them after the backward
         # (unless retain_graph=True) instead of living as long as the outputs.
-        spec = record.spec
-        outputs = tuple(t.clone() for t in spec.split(record.final[: spec.numel].detach()))
         ctx.save_for_backward(*record.take_tensors())
         ctx.record = record
-        return outputs
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[Any, ...], job: Any, rule: Any, owner: str, *inputs: Tensor
+    ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        if not isinstance(job, TaskJob):
+            raise RuntimeError(f"{owner} cannot run under torch.func.vmap from a finished record")
+        return job.per_task(info.batch_size, in_dims[3:], inputs)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> Any:
@@ -126,9 +148,45 @@ class Link(torch.autograd.Function):
             None,
             None,
             None,
-            *(t.clone() for t in record.spec.split(theta_grad)),
+            *record.theta_grads(theta_grad),
             *(p.view(t.shape).to(t.dtype) for p, t in zip(parts, metas, strict=True)),
         )
+
+
+def over_tasks(
+    call: Callable[[Any], Mapping[str, Tensor]],
+    args: Any,
+    names: Sequence[str],
+    rule: Any,
+    owner: str,
+    fast: Callable[[Any, Any, int], Sequence[Tensor] | None] | None = None,
+) -> list[Tensor]:
+    """A front end's outputs ``names`` under ``torch.func.vmap``: ``call(args)`` per task.
+
+    ``args`` is a pytree of the front end's arguments; its tensors (batched or not) go
+    through the node, whose vmap rule runs ``fast(args, dims, size)`` (all tasks at once,
+    ``dims`` the task dimension of each leaf; ``None`` if it does not apply) or else
+    ``call`` on each task's slices.
+    """
+    leaves, treedef = tree_flatten(args)
+    where = [i for i, t in enumerate(leaves) if isinstance(t, Tensor)]
+
+    def rebuild(tensors: Sequence[Any], *, dims: bool = False) -> Any:
+        task = [None] * len(leaves) if dims else list(leaves)  # dims: None = not batched
+        for i, t in zip(where, tensors, strict=True):
+            task[i] = t
+        return tree_unflatten(task, treedef)
+
+    def run(tensors: list[Tensor]) -> list[Tensor]:
+        out = call(rebuild(tensors))
+        return [out[n] for n in names]
+
+    def batched(size: int, dims: Sequence[int | None], tensors: Sequence[Tensor]) -> Any:
+        assert fast is not None
+        return fast(rebuild(tensors), rebuild(dims, dims=True), size)
+
+    job = TaskJob(run, owner, batched if fast is not None else None)
+    return list(Link.apply(job, rule, owner, *(leaves[i] for i in where)))
 
 
 def run_rule(
@@ -148,12 +206,7 @@ def run_rule(
             f"inner step(s) of {owner})"
         ) from None
     spec = record.spec
-    g = spec.flatten(
-        [
-            torch.zeros(s, dtype=spec.dtype, device=spec.device) if go is None else go
-            for go, s in zip(grad_outputs, spec.shapes, strict=True)
-        ]
-    )
+    g = record.outer_vector(grad_outputs)
     ensure_finite(
         g,
         lambda: (
@@ -161,8 +214,6 @@ def run_rule(
             f"after {record.steps} inner step(s) ({owner}) is not finite"
         ),
     )
-    if record.state_dim > spec.numel:
-        g = torch.cat([g, g.new_zeros(record.state_dim - spec.numel)])
     before = record.products
     result = rule.meta_gradient(record, g)
     info, meta = None, None
@@ -178,7 +229,7 @@ def run_rule(
             "closed-over tensors that require grad). Use a built-in rule, or detach them"
         )
     _publish(RuleReport(rule, owner, record.steps, info, record.products - before))
-    theta_grad = out[: spec.numel]
+    theta_grad = out[..., : spec.numel]
     ensure_finite(theta_grad, lambda: f"in {type(rule).__name__}'s result ({owner})")
     if meta is None:
         meta = theta_grad.new_zeros(0)

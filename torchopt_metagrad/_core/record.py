@@ -28,8 +28,10 @@ from torchopt_metagrad._core.engine import Meta
 from torchopt_metagrad._core.flat import FlatSpec
 from torchopt_metagrad._core.pull import blocking, is_blocked, pull, pull_list
 from torchopt_metagrad._core.replay import StepLoss
+from torchopt_metagrad._core.stack import constant as _constant
 from torchopt_metagrad._core.stack import rows as _rows
 from torchopt_metagrad._core.stack import stack_batches as _stack_batches
+from torchopt_metagrad._core.stack import vmap_failed as _vmap_failed
 from torchopt_metagrad._core.steps import AbstractStepMap, Aux
 
 __all__ = ["Kept", "Record", "Snapshot"]
@@ -149,6 +151,29 @@ class Record:
             for e in self.entries
         ]
         self.final = next(it)
+
+    # -- what the one autograd node uses ----------------------------------------------------
+    def outputs(self) -> tuple[Tensor, ...]:
+        """The final parameters, as new tensors shaped like the parameters."""
+        spec = self.spec
+        return tuple(t.clone() for t in spec.split(self.final[: spec.numel].detach()))
+
+    def outer_vector(self, grad_outputs: Any) -> Tensor:
+        """The outer gradient as a state-sized vector (``None`` -> zeros, state -> zeros)."""
+        spec = self.spec
+        g = spec.flatten(
+            [
+                torch.zeros(s, dtype=spec.dtype, device=spec.device) if go is None else go
+                for go, s in zip(grad_outputs, spec.shapes, strict=True)
+            ]
+        )
+        if self.state_dim > spec.numel:
+            g = torch.cat([g, g.new_zeros(self.state_dim - spec.numel)])
+        return g
+
+    def theta_grads(self, grad: Tensor) -> list[Tensor]:
+        """The parameter block as per-parameter gradients."""
+        return [t.clone() for t in self.spec.split(grad)]
 
     def blocked(self) -> bool:
         """True while a pullback through a kept graph of the same chain runs.
@@ -401,19 +426,3 @@ class Record:
             leaf = params if create_graph else params.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(loss(leaf), leaf, create_graph=create_graph)
         return -grad
-
-
-def _constant(loss: StepLoss) -> Any:
-    """The loss with its meta-parameters as constants (detached): ``params -> loss``."""
-    meta = tuple(t.detach() for t in loss.meta)
-    return lambda params: loss(params, meta)
-
-
-def _vmap_failed(err: Exception) -> None:
-    first_line = str(err).splitlines()[0] if str(err) else ""
-    engine.warn_once(
-        type(err).__name__,
-        f"torch.func.vmap failed on this model ({type(err).__name__}: {first_line}); "
-        "the Hessian-vector products run one by one (same result, slower)",
-        stacklevel=5,
-    )

@@ -34,7 +34,24 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-__all__ = ["StepLoss"]
+__all__ = ["StepLoss", "evaluate_pure"]
+
+
+def evaluate_pure(
+    fn: Callable[[Tensor, Any, tuple[Tensor, ...]], Tensor], params: Tensor, batch: Any
+) -> tuple[Any, bool]:
+    """``(fn(params, batch, ()), pure)`` without side effects: random draws are undone and
+    in-place writes to outside tensors go to copies; ``pure``: there were neither."""
+    cuda = params.device.type == "cuda"
+    with torch.random.fork_rng(devices=[params.device] if cuda else []):
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(params.device) if cuda else None
+        with _Shield() as shield:
+            value = fn(params, batch, ())
+        drew = not torch.equal(rng, torch.get_rng_state())
+        if cuda_rng is not None:
+            drew = drew or not torch.equal(cuda_rng, torch.cuda.get_rng_state(params.device))
+    return value, not drew and not shield._copies
 
 
 class StepLoss:

@@ -1,4 +1,5 @@
-"""Stacking for vmap: consecutive snapshot rows as one view, per-step batches as one batch."""
+"""Helpers of the record's batched products: stacking rows and batches for vmap, the
+fallback warning, a step loss with constant meta-parameters."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-__all__ = ["rows", "stack_batches"]
+from torchopt_metagrad._core import engine
+from torchopt_metagrad._core.replay import StepLoss
+
+__all__ = ["constant", "rows", "stack_batches", "vmap_failed"]
 
 
 def rows(states: list[Tensor]) -> Tensor:
@@ -41,3 +45,19 @@ def stack_batches(batches: list[Any]) -> tuple[Any, int | None] | None:
             return None
         stacked.append(torch.stack(column))
     return pytree.tree_unflatten(stacked, spec0), 0
+
+
+def constant(loss: StepLoss) -> Any:
+    """The loss with its meta-parameters as constants (detached): ``params -> loss``."""
+    meta = tuple(t.detach() for t in loss.meta)
+    return lambda params: loss(params, meta)
+
+
+def vmap_failed(err: Exception) -> None:
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    engine.warn_once(
+        type(err).__name__,
+        f"torch.func.vmap failed on this model ({type(err).__name__}: {first_line}); "
+        "the Hessian-vector products run one by one (same result, slower)",
+        stacklevel=5,
+    )

@@ -59,6 +59,7 @@ from torchopt.base import UninitializedState
 
 from torchopt_metagrad._core.checks import check_lr_or_schedule
 from torchopt_metagrad._core.steps import StepMapFactory, sgd_factory, transformation_factory
+from torchopt_metagrad._core.tasks import in_transform
 from torchopt_metagrad.module.session import Session
 from torchopt_metagrad.module.slots import Slots
 from torchopt_metagrad.rules.base import AbstractRule, check_rule
@@ -142,6 +143,12 @@ class MetaOptimizer(torchopt.MetaOptimizer):
         """
         if self._closed is not None:
             raise RuntimeError(self._closed)
+        if in_transform():
+            raise ValueError(
+                f"{self._owner}.step cannot run inside torch.func.vmap (or another torch.func "
+                "transform): a module holds one set of parameters. For tasks in parallel use "
+                "tmg.adapt with torch.func.functional_call inside the vmapped function"
+            )
         closure: Closure | None = None
         value: Tensor | None = None
         if isinstance(loss, Tensor):
