@@ -332,3 +332,29 @@ def test_step_norms_are_batched_power_iteration(problem):
                                         steps=steps, lr=lr), norms):  # fmt: skip
         expected, _ = explicit_hessian_norm(problem.loss, phi, problem.inner)
         assert norm == pytest.approx(expected, rel=1e-6)
+
+
+def test_compare_run_over_tasks_under_vmap(problem):
+    """A run that maps tmg.adapt over tasks with torch.func.vmap: one report per backward,
+    the step norms the largest over the tasks."""
+    x = torch.stack([problem.inner[0], problem.outer[0]])
+    y = torch.stack([problem.inner[1], problem.outer[1]])
+
+    def task(rule, xs, ys):
+        adapted = tmg.adapt(problem.loss, problem.params, (xs, ys), steps=3, lr=0.1, rule=rule)
+        return problem.loss(adapted, problem.outer)
+
+    def together(rule):
+        return torch.func.vmap(lambda a, b: task(rule, a, b))(x, y).sum()
+
+    def apart(rule):
+        return task(rule, x[0], y[0]) + task(rule, x[1], y[1])
+
+    rules = [tmg.Binomial(1), tmg.FirstOrder()]
+    kw = {"rules": rules, "repeats": 1, "memory": False, "power_iters": 100}
+    a = tmg.diagnostics.compare_run(together, problem.params, **kw)
+    b = tmg.diagnostics.compare_run(apart, problem.params, **kw)
+    for ra, rb in zip(a.rows, b.rows):
+        assert ra.rel_error == pytest.approx(rb.rel_error, rel=1e-9, abs=1e-14)
+        assert ra.products == rb.products
+    assert a.step_norms == pytest.approx(b.step_norms, rel=1e-6)

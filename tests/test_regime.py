@@ -294,3 +294,45 @@ def test_auto_accepts_any_number_of_steps_and_clips_max_order(problem):
     with collect() as reports:
         problem.loss(adapted, problem.outer).backward()
     assert reports[0].info.order <= 2
+
+
+def test_tasks_under_vmap_report_the_worst_task_and_share_the_order():
+    """All tasks' loops run together under torch.func.vmap: the check reports the worst
+    task's estimate; the automatic order is the first that meets tol for every task."""
+    loss_fn, params, tasks = sine_problem()
+    stack = [torch.stack(list(t)) for t in zip(*[(*s, *q) for s, q in tasks])]
+    lr, K = 0.003, 20
+
+    def run(rule):
+        def task(x, y, xq, yq):
+            adapted = tmg.adapt(loss_fn, params, (x, y), steps=K, lr=lr, rule=rule)
+            return loss_fn(adapted, (xq, yq))
+
+        with collect() as reports, warnings.catch_warnings():
+            warnings.simplefilter("ignore", tmg.RegimeWarning)
+            out = torch.func.vmap(task)(*stack)
+            grads = torch.autograd.grad(out.sum(), list(params.values()))
+        return torch.cat([g.reshape(-1) for g in grads]), reports
+
+    def loop(rule):
+        infos, total = [], None
+        for task in tasks:
+            g, report, _ = meta_grad(rule, lr, K, task)
+            infos.append(report.info)
+            total = g if total is None else total + g
+        return total, infos
+
+    together, reports = run(tmg.Binomial(1))
+    one_by_one, infos = loop(tmg.Binomial(1))
+    torch.testing.assert_close(together, one_by_one, rtol=1e-10, atol=1e-14)
+    assert len(reports) == 1  # one backward for all the tasks
+    assert reports[0].info.dropped == pytest.approx(max(i.dropped for i in infos), rel=1e-9)
+    assert len({i.reliable for i in infos}) == 2  # a mixed regime: some tasks warn
+    assert reports[0].products == len(tasks) * K
+    auto = tmg.Binomial("auto", max_order=10)
+    together, reports = run(auto)
+    _, infos = loop(auto)
+    order = reports[0].info.order
+    assert not reports[0].info.fell_back and order >= max(i.order for i in infos)
+    fixed, _ = loop(tmg.Binomial(order, check=False))
+    torch.testing.assert_close(together, fixed, rtol=1e-10, atol=1e-14)

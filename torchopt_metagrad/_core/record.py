@@ -1,8 +1,7 @@
 """The record an inner loop leaves for the rules: snapshots, replayable losses, kept graphs.
 
-:class:`Record` implements the record protocol
-(:class:`~torchopt_metagrad._core.protocol.RecordProtocol`). Each stored step ``k`` is
-either
+:class:`Record` implements the record protocol (``_core.protocol.RecordProtocol``).
+Each stored step ``k`` is either
 
 * a :class:`Snapshot` — the state ``z_k``, its integer optimizer state, and the step's
   :class:`~torchopt_metagrad._core.replay.StepLoss`; ``A_k v`` is recomputed there by the
@@ -71,11 +70,9 @@ class Record:
     Attributes:
         spec: layout of the parameter block.
         step_map: the step map (``None`` for a flow or a user's solver).
-        steps: K.
-        first: first stored step.
+        steps, first: K, and the first stored step.
         entries: the stored steps, ``entries[k - first]``.
-        final: ``z_K``.
-        final_aux: its integer optimizer state.
+        final, final_aux: ``z_K`` and its integer optimizer state.
         final_loss: the inner loss for curvature at ``z_K`` (``None``: not recomputable).
         time_step: ``h`` when state ``k`` samples a gradient flow at ``t = k h``.
         solver: the ``tmg.ODE`` of a forward flow solve, else ``None``.
@@ -84,8 +81,7 @@ class Record:
             closed-over leaves); the rules differentiate them too.
         chain: the inner loop whose successive records share kept graphs (the module
             front end), else ``None``; see :meth:`blocked`.
-        products: Jacobian-/Hessian-vector products asked of the record so far (a batched
-            call of n rows counts n); reported per backward in ``RuleReport.products``.
+        products: the step/Hessian-vector products asked of it so far (``RuleReport``).
     """
 
     spec: FlatSpec
@@ -176,14 +172,10 @@ class Record:
         return [t.clone() for t in self.spec.split(grad)]
 
     def blocked(self) -> bool:
-        """True while a pullback through a kept graph of the same chain runs.
-
-        A kept step's graph starts at the parameters of that step, which an earlier
-        record's autograd node produced from ``theta`` *and the closed-over leaves*. A
-        pullback wants partial derivatives with respect to those leaves: the path through
-        the earlier node would add a total derivative on top, so that node's backward
-        gives nothing while the pullback runs.
-        """
+        """True while a pullback through a kept graph of the same chain runs: that graph
+        starts at parameters an earlier record's node made from ``theta`` *and the
+        closed-over leaves*; the pullback wants partial derivatives w.r.t. those leaves, so
+        the earlier node's backward gives nothing meanwhile (no total derivative on top)."""
         return is_blocked(self.chain)
 
     def release(self, reason: str) -> None:

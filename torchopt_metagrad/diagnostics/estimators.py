@@ -218,19 +218,20 @@ def step_norms(
     dominant eigenvalue). Row ``k`` of ``V`` (random unit rows drawn with ``generator`` on
     the CPU) is replaced by :math:`A_k v_k / \|A_k v_k\|` ``iters`` times; each sweep is
     one ``record.apply_many`` call (K products batched with ``vmap``), so the cost is
-    ``K * iters`` products in ``iters`` serial calls. Converges from below.
+    ``K * iters`` products in ``iters`` serial calls. Converges from below. Tasks run
+    together under ``vmap``: each step's largest estimate over the tasks.
     """
     check_int(iters, "iters", minimum=1)
-    K, n = record.num_steps, record.state_dim
-    ref = record.snapshot(K)  # the final state: always stored
-    v = torch.randn(K, n, generator=generator, dtype=ref.dtype).to(ref.device)
-    v = v / v.norm(dim=1, keepdim=True)
-    norms = v.new_zeros(K)
+    K = record.num_steps
+    ref = record.snapshot(K)  # the final state: always stored; (tasks, n) under vmap
+    v = torch.randn(K, *ref.shape, generator=generator, dtype=ref.dtype).to(ref.device)
+    v = v / v.norm(dim=-1, keepdim=True)
+    norms = v.new_zeros(v.shape[:-1])
     for _ in range(iters):
         w = record.apply_many(0, v)
-        norms = w.norm(dim=1)
-        v = torch.where(norms[:, None] > 0, w / norms.clamp_min(1e-300)[:, None], 0.0)
-    return norms.tolist()
+        norms = w.norm(dim=-1)
+        v = torch.where(norms[..., None] > 0, w / norms.clamp_min(1e-300)[..., None], 0.0)
+    return norms.reshape(K, -1).amax(1).tolist()  # the largest over tasks
 
 
 def curvature_regime(

@@ -22,8 +22,8 @@ from torchopt_metagrad.rules.binomial_series import (
     REGIME_THRESHOLD,
     BinomialInfo,
     auto_stages,
-    dropped_term,
     fixed_stages,
+    regime,
 )
 from torchopt_metagrad.rules.truncated import backward_product
 
@@ -175,11 +175,11 @@ class Binomial(StepProductRule):
         )
         info = BinomialInfo(order=L)
         if rho is not None:
-            dropped = dropped_term(rho, L, g, s[0])
+            dropped, step_norms = regime(rho, L, g, s[0])
             reliable = dropped <= REGIME_THRESHOLD
-            info = BinomialInfo(L, dropped=dropped, reliable=reliable, step_norms=tuple(rho))
+            info = BinomialInfo(L, dropped=dropped, reliable=reliable, step_norms=tuple(step_norms))
             if not reliable:
-                warn_at_call_site(self._regime_message(dropped, rho, K), RegimeWarning)
+                warn_at_call_site(self._regime_message(dropped, step_norms, K), RegimeWarning)
         if not record.meta_dim:
             return Estimate(s[0], info)
         # v_hat_j = s_L^{(j)}: s[j] for j in [1, K - L], then v_{K-L+1..K} exactly.

@@ -47,8 +47,10 @@ __all__ = [
     "REGIME_THRESHOLD",
     "BinomialInfo",
     "auto_stages",
+    "dropped_term",
     "elementary_symmetric",
     "fixed_stages",
+    "regime",
 ]
 
 #: ``Binomial(L)`` warns when the estimated dropped part exceeds this fraction of its
@@ -105,9 +107,14 @@ def elementary_symmetric(values: list[float], n: int) -> float:
 
 
 def _ratios(w: Tensor, v: Tensor) -> Tensor:
-    """Row norms ``||w_r|| / ||v_r||`` (0 where ``v_r`` is 0)."""
-    wn, vn = w.flatten(1).norm(dim=1), v.flatten(1).norm(dim=1)
+    """``||w|| / ||v||`` over the last dimension (0 where ``v`` is 0): per row (and task)."""
+    wn, vn = w.norm(dim=-1), v.norm(dim=-1)
     return torch.where(vn > 0, wn / vn.clamp_min(torch.finfo(vn.dtype).tiny), 0.0)
+
+
+def norms(x: Tensor) -> list[float]:
+    """The norm of ``x`` per task (vectors of tasks under ``vmap`` carry a task dimension)."""
+    return x.reshape(-1, x.shape[-1]).norm(dim=-1).tolist()
 
 
 def fixed_stages(
@@ -118,18 +125,18 @@ def fixed_stages(
     chunk_size: int | None,
     vectorize: bool,
     check: bool,
-) -> tuple[Tensor, list[Tensor], list[float] | None]:
+) -> tuple[Tensor, list[Tensor], Tensor | None]:
     """The stage algorithm of ``Binomial(order)``, ``1 <= order <= K``.
 
     Returns ``(s, exact, rho)``: ``s[j] = s_L^{(j)}`` for ``j in [0, K-L]``; ``exact``
     the vectors ``s_m^{(K-m)} = v_{K-m}`` (exact adjoints) for ``m = 0 .. L-1``; ``rho``
-    the per-step ratio estimates (``None`` without ``check``).
+    the per-step ratio estimates, ``(K, *tasks)`` (``None`` without ``check``).
     """
     K, L = record.num_steps, order
     # prev[r] = s_{m-1}^{(j)} for j = L - m + 1 + r; at m = 1 that is j in [L, K].
     prev = g.expand(K - L + 1, *g.shape)
     exact = [g]  # s_m^{(K-m)} = v_{K-m} exactly (all m steps' terms), m = 0..L-1
-    rho = g.new_zeros(K) if check else None
+    rho = g.new_zeros(K, *g.shape[:-1]) if check else None
     for m in range(1, L + 1):
         lo = L - m  # this stage's products are w_i, i in [L - m, K - m]
         w = record.apply_many(lo, prev, chunk_size=chunk_size, vectorize=vectorize)
@@ -141,10 +148,10 @@ def fixed_stages(
         prev = prev[-1] + w.flip(0).cumsum(0).flip(0)
         if m < L:
             exact.append(prev[-1])
-    return prev, exact, None if rho is None else rho.tolist()
+    return prev, exact, rho
 
 
-def dropped_term(rho: list[float], order: int, g: Tensor, estimate: Tensor) -> float:
+def dropped_term(rho: list[float], order: int, g_norm: float, estimate_norm: float) -> float:
     r""":math:`\eta_L = \sum_{n > L} e_n(\hat\rho)\,\|g\| / \|\hat g_L\|` (module docstring).
 
     The tail is ``prod(1 + rho) - sum_{n <= L} e_n``, at least ``e_{L+1}`` (which guards
@@ -157,11 +164,22 @@ def dropped_term(rho: list[float], order: int, g: Tensor, estimate: Tensor) -> f
         for j in range(order + 1, 0, -1):
             e[j] += e[j - 1] * x
     tail = max(math.prod(1.0 + x for x in rho) - math.fsum(e[: order + 1]), e[order + 1])
-    bound = tail * float(g.norm())
-    size = float(estimate.norm())
+    bound = tail * g_norm
     if bound == 0.0:
         return 0.0
-    return bound / size if size > 0 else math.inf
+    return bound / estimate_norm if estimate_norm > 0 else math.inf
+
+
+def regime(rho: Tensor, order: int, g: Tensor, estimate: Tensor) -> tuple[float, list[float]]:
+    r"""``(eta, per-step rho)``: the worst task's :math:`\eta_L`, and each step's largest
+    ratio over tasks (a single task without ``vmap``)."""
+    K = rho.shape[0]
+    per_task = rho.reshape(K, -1)
+    eta = max(
+        dropped_term(r, order, gn, en)
+        for r, gn, en in zip(per_task.T.tolist(), norms(g), norms(estimate), strict=True)
+    )
+    return eta, per_task.amax(1).tolist()
 
 
 @dataclass
@@ -199,10 +217,12 @@ def auto_stages(
         w = record.apply_many(0, prev[1:], chunk_size=chunk_size, vectorize=vectorize)
         ensure_finite(w, partial(where, w, m, 0))
         cur = prev[-1] + w.flip(0).cumsum(0).flip(0)  # s_m^{(j)}, j in [0, K - m]
-        change, size = float((cur[0] - prev[0]).norm()), float(cur[0].norm())
         last, contribution = (
             contribution,
-            (change / size if size > 0 else (0.0 if change == 0 else math.inf)),
+            max(
+                c / n if n > 0 else (0.0 if c == 0 else math.inf)
+                for c, n in zip(norms(cur[0] - prev[0]), norms(cur[0]), strict=True)
+            ),
         )
         if m == K or contribution <= tol:
             return AutoResult(m, True, contribution, False, cur, exact)
