@@ -336,3 +336,35 @@ def test_tasks_under_vmap_report_the_worst_task_and_share_the_order():
     assert not reports[0].info.fell_back and order >= max(i.order for i in infos)
     fixed, _ = loop(tmg.Binomial(order, check=False))
     torch.testing.assert_close(together, fixed, rtol=1e-10, atol=1e-14)
+
+
+def test_the_readme_example_uses_settings_where_its_rule_is_accurate():
+    """The README's first example (its net is the sine MLP): the rule it shows is silent and
+    within 10% of Exact on sine tasks in float32, the dtype it runs in."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("```python", 1)[1].split("```", 1)[0]
+    assert "torch.nn.Linear(40, 40)" in example  # the sine MLP of workloads/sine.py
+    found = re.search(r"steps=(\d+), lr=([\d.]+), rule=tmg\.Binomial\((\d+)\)", example)
+    assert found, "the example's adapt call changed: update this test"
+    K, lr, order = int(found[1]), float(found[2]), int(found[3])
+    torch.manual_seed(0)
+    net = sine.make_mlp()
+    params = dict(net.named_parameters())
+
+    def loss_fn(p, batch):
+        x, y = batch
+        return torch.nn.functional.mse_loss(torch.func.functional_call(net, p, (x,)), y)
+
+    gen = torch.Generator().manual_seed(1)
+    errors = []
+    for support, query in sine.unstack(sine.sample_tasks(gen, 8)):
+        grads = {}
+        for rule in (tmg.Exact(), tmg.Binomial(order)):
+            adapted = tmg.adapt(loss_fn, params, support, steps=K, lr=lr, rule=rule)
+            out = torch.autograd.grad(loss_fn(adapted, query), list(params.values()))
+            grads[type(rule)] = torch.cat([o.reshape(-1) for o in out])  # no RegimeWarning
+        errors.append(rel(grads[tmg.Binomial], grads[tmg.Exact]))
+    assert sum(errors) / len(errors) < 0.1, errors

@@ -160,7 +160,7 @@ class Binomial(StepProductRule):
             check_order(self, self.order, steps)
 
     def first_step(self, steps: int) -> int:
-        return 0 if self.auto or self.order > 0 else steps
+        return 0 if isinstance(self.order, str) or self.order > 0 else steps
 
     def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor | Estimate:
         if self.auto:
