@@ -170,7 +170,8 @@ def test_rule_knobs_are_the_dataclass_fields_with_their_types():
         "max_order": int,
     }
     assert tmg.rule_knobs(tmg.ImplicitCG) == {"reg": float, "maxiter": int, "tol": float}
-    assert tmg.rule_knobs("exact") == {}
+    assert tmg.rule_knobs("exact") == {"snapshots": int | None}
+    assert tmg.rule_knobs("first_order") == {}
 
 
 def test_parse_rule_spec_converts_without_building():

@@ -217,7 +217,9 @@ def test_flow_and_the_decorators_under_vmap_equal_the_loop():
 @pytest.mark.parametrize("per_step", [False, True], ids=["shared batch", "per-step batches"])
 def test_tasks_run_together_when_the_loss_is_a_pure_function(rule, per_step):
     """The batched path: the loss runs once per step for all tasks (traced by vmap), not
-    once per task, and the meta-gradient still equals the loop's."""
+    once per task, and the meta-gradient still equals the loop's. Unrolled runs task by
+    task (plain autograd through torch.func.grad is wrong on conv + batch norm nets in
+    torch 2.13: tests/test_functorch_example.py)."""
     net = _net()
     params = dict(net.named_parameters())
     calls = {"n": 0}
@@ -235,7 +237,10 @@ def test_tasks_run_together_when_the_loss_is_a_pure_function(rule, per_step):
     data = _tasks(per_step=per_step)
     vm = torch.func.vmap(task)(*data.values())
     forward_calls = calls["n"]
-    assert forward_calls <= K + 3  # K batched steps, the probe, the query loss
+    if isinstance(rule, tmg.Unrolled):
+        assert forward_calls >= B * K
+    else:
+        assert forward_calls <= K + 3  # K batched steps, the probe, the query loss
     got = torch.autograd.grad(vm.sum(), list(params.values()))
     loop = sum(task(*(t[b] for t in data.values())) for b in range(B))
     ref = torch.autograd.grad(loop, list(params.values()))

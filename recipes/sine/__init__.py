@@ -1,4 +1,5 @@
-"""Sine regression: BinomMAML's estimator study and meta-training (``python -m recipes.sine``)."""
+"""Sine regression: BinomMAML's estimator study and meta-training (``python -m recipes.sine``),
+with a learned inner step size (``--learn-lr``: Meta-SGD, MAML++) or ANIL (``--anil``)."""
 
 from recipes.sine.recipe import SineConfig, main
 

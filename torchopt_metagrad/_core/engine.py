@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
 from torchopt_metagrad.errors import VectorizationFallbackWarning
 
@@ -177,49 +176,32 @@ def meta_pullback_many(
 ) -> list[Tensor]:
     """``sum_r`` of the meta part of row ``r``'s VJP (see :func:`pullback`), rows batched.
 
-    ``torch.func.vmap`` evaluates the increments of a chunk of rows (with
-    ``torch.func.grad`` inside); one plain backward then differentiates them with respect
-    to the meta-parameters (closed-over tensors included, which ``torch.func`` cannot
-    differentiate directly). Chunks of ``chunk_size`` rows bound the live graphs.
+    One ``torch.func.vmap`` of ``torch.func.vjp`` with respect to the step's and the
+    loss's meta-parameters, passed as arguments (reverse over reverse inside
+    ``torch.func``). Not for closed-over leaves (``meta.closed``): ``torch.func`` cannot
+    differentiate what a function closes over, and plain autograd around
+    ``torch.func.grad`` is wrong on convolution + batch-norm nets in torch 2.13 (measured
+    6% off), so the caller loops over :func:`pullback` for those.
     """
-    w_step, w_loss = meta.copies()
-    inputs = w_step + w_loss + meta.closed
+    if meta.closed:
+        raise ValueError("closed-over meta-parameters need the one-by-one pullback")
+    w_step = tuple(t.detach() for t in meta.step)
+    w_loss = tuple(t.detach() for t in meta.loss)
 
-    def increment(z: Tensor, a: Any, b: Any) -> Tensor:
-        grad = torch.func.grad(loss)(z[:param_dim], b, w_loss)
-        return delta(z, grad, a, w_step)
+    def one(z: Tensor, a: Any, b: Any, v: Tensor) -> Any:
+        def increment(ws: tuple[Tensor, ...], wl: tuple[Tensor, ...]) -> Tensor:
+            grad = torch.func.grad(loss)(z[:param_dim], b, wl)
+            return delta(z, grad, a, ws)
 
-    n = states.shape[0]
-    size = n if chunk_size is None else chunk_size
-    total: list[Tensor] | None = None
-    for lo in range(0, n, size):
-        rows = slice(lo, min(lo + size, n))
-        part_aux = _take(aux, rows)
-        part_batch = batch if batch_dim is None else _take(batch, rows)
-        with torch.enable_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NO_BATCH_RULE, category=UserWarning)
-            out = torch.func.vmap(increment, in_dims=(0, 0, batch_dim))(
-                states[rows].detach(), part_aux, part_batch
-            )
-            grads = torch.autograd.grad(
-                out,
-                inputs,
-                vectors[rows],
-                allow_unused=True,
-                materialize_grads=True,
-                retain_graph=bool(meta.closed),
-            )
-        total = (
-            [g.detach() for g in grads]
-            if total is None
-            else [t + g.detach() for t, g in zip(total, grads, strict=True)]
+        return torch.func.vjp(increment, w_step, w_loss)[1](v)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_BATCH_RULE, category=UserWarning)
+        per_row = torch.func.vmap(one, in_dims=(0, 0, batch_dim, 0), chunk_size=chunk_size)(
+            states, aux, batch, vectors
         )
-    assert total is not None
-    return total
-
-
-def _take(tree: Any, rows: slice) -> Any:
-    return pytree.tree_map(lambda t: t[rows], tree)
+    grads_step, grads_loss = per_row
+    return [g.sum(0).detach() for g in (*grads_step, *grads_loss)]
 
 
 def vjp_function(

@@ -81,6 +81,7 @@ class InnerLoop:
         self.horizon = horizon
         self.meta = Meta(step_map.meta, tuple(t for t in loss_meta if t.requires_grad))
         self._store_from = 0
+        self._every = 1
         self._block: Tensor | None = None
         self._chain = object()  # identifies this loop's records (see Record.blocked)
         with torch.set_grad_enabled(unrolled and torch.is_grad_enabled()):
@@ -113,10 +114,13 @@ class InnerLoop:
                 )
         horizon = self.horizon
         self._store_from = 0 if horizon is None else min(self.first_needed(horizon), horizon)
+        if horizon is not None:  # Exact(snapshots=n): a state every `_every` steps
+            n = self._needs(horizon, bool(self.meta)).checkpoints
+            self._every = 1 if n is None else -(-(horizon - self._store_from) // n)
         # With a known horizon the snapshots are rows of one block, so a batched stage
         # takes a view of consecutive rows instead of stacking copies.
         if horizon is not None and not self.unrolled and horizon > self._store_from:
-            rows = horizon - self._store_from
+            rows = -(-(horizon - self._store_from) // self._every)
             self._block = self.z.new_empty((rows, self.step_map.dim))
 
     def _check_step_map(self, grad: Tensor) -> None:
@@ -161,11 +165,14 @@ class InnerLoop:
         self.last_loss = None if self.unrolled else loss
         self._advance(grad, entry)
 
-    def _keep(self, k: int) -> Tensor:
-        """The state ``z_k`` to store (a row of the block when there is one)."""
+    def _keep(self, k: int) -> Tensor | None:
+        """The state ``z_k`` to store (a row of the block when there is one), or ``None``
+        between checkpoints."""
+        if (k - self._store_from) % self._every:
+            return None
         if self._block is None:
             return self.z
-        row = self._block[k - self._store_from]
+        row = self._block[(k - self._store_from) // self._every]
         row.copy_(self.z)
         return row
 

@@ -35,6 +35,9 @@ class Needs:
             solution and the gradient flow do not depend on the step size.
         meta_params: the rule computes meta-gradients for tensors besides the adapted
             params (fixed or closed-over tensors that require grad).
+        checkpoints: store at most this many states (every ``ceil(K / checkpoints)``-th
+            from ``snapshots_from`` on) and recompute the others from them in the
+            backward; ``None``: store every state. Needs a known number of steps.
     """
 
     snapshots_from: int
@@ -46,6 +49,7 @@ class Needs:
     graph: bool = False
     step_meta: bool = True
     meta_params: bool = True
+    checkpoints: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Offers:
         step_jacobians: the front end records discrete steps (not a flow or a solver).
         graph: the front end can keep the unrolled graph.
         step_meta: the step map has a learned lr (a tensor that requires grad).
+        horizon: the number of inner steps is known when the loop starts.
     """
 
     name: str
@@ -72,6 +77,7 @@ class Offers:
     step_jacobians: bool = True
     graph: bool = True
     step_meta: bool = False
+    horizon: bool = True
 
 
 def check_fit(rule: object, needs: Needs, offers: Offers) -> None:
@@ -104,6 +110,11 @@ def check_fit(rule: object, needs: Needs, offers: Offers) -> None:
             "which does not depend on the inner learning rate: a learned lr (a tensor that "
             "requires grad) would get no meta-gradient. Use a step rule (tmg.Exact, "
             "tmg.Binomial, tmg.Truncated, tmg.FirstOrder) or tmg.Unrolled, or detach the lr"
+        )
+    if needs.checkpoints is not None and not offers.horizon:
+        raise ValueError(
+            f"{what} with checkpoints spaces them over a known number of inner steps, which "
+            f"{offers.name} does not know in advance; use tmg.adapt, or store every state"
         )
     if needs.flow and not offers.flow_samples:
         raise ValueError(

@@ -1,7 +1,8 @@
 """The record an inner loop leaves for the rules: snapshots, replayable losses, kept graphs.
 
-:class:`Record` implements the record protocol (``_core.protocol.RecordProtocol``).
-Each stored step ``k`` is either
+:class:`Record` implements the record protocol
+(:class:`~torchopt_metagrad._core.protocol.RecordProtocol`). Each stored step ``k`` is
+either
 
 * a :class:`Snapshot` — the state ``z_k``, its integer optimizer state, and the step's
   :class:`~torchopt_metagrad._core.replay.StepLoss`; ``A_k v`` is recomputed there by the
@@ -23,9 +24,11 @@ import torch
 from torch import Tensor
 
 from torchopt_metagrad._core import engine
+from torchopt_metagrad._core.checkpoints import recompute_segment
 from torchopt_metagrad._core.engine import Meta
 from torchopt_metagrad._core.flat import FlatSpec
-from torchopt_metagrad._core.pull import blocking, is_blocked, pull, pull_list
+from torchopt_metagrad._core.meta_products import MetaProducts
+from torchopt_metagrad._core.pull import is_blocked, pull
 from torchopt_metagrad._core.replay import StepLoss
 from torchopt_metagrad._core.stack import constant as _constant
 from torchopt_metagrad._core.stack import rows as _rows
@@ -38,9 +41,10 @@ __all__ = ["Kept", "Record", "Snapshot"]
 
 @dataclass(frozen=True, eq=False)
 class Snapshot:
-    """A step stored as its state, integer optimizer state, and replayable loss."""
+    """A step stored as its state (``None``: recomputed from a checkpoint), integer
+    optimizer state, and replayable loss."""
 
-    z: Tensor
+    z: Tensor | None
     aux: Aux
     loss: StepLoss
 
@@ -64,15 +68,17 @@ class Kept:
 
 
 @dataclass(eq=False)
-class Record:
+class Record(MetaProducts):
     """Steps ``first..K-1`` of an inner loop and its final state ``z_K``.
 
     Attributes:
         spec: layout of the parameter block.
         step_map: the step map (``None`` for a flow or a user's solver).
-        steps, first: K, and the first stored step.
+        steps: K.
+        first: first stored step.
         entries: the stored steps, ``entries[k - first]``.
-        final, final_aux: ``z_K`` and its integer optimizer state.
+        final: ``z_K``.
+        final_aux: its integer optimizer state.
         final_loss: the inner loss for curvature at ``z_K`` (``None``: not recomputable).
         time_step: ``h`` when state ``k`` samples a gradient flow at ``t = k h``.
         solver: the ``tmg.ODE`` of a forward flow solve, else ``None``.
@@ -97,6 +103,7 @@ class Record:
     released: str | None = None
     meta: Meta = dataclasses.field(default_factory=Meta)
     chain: object | None = None
+    _segment: dict[int, Tensor] = dataclasses.field(default_factory=dict, repr=False)
     products: int = 0
 
     @classmethod
@@ -130,10 +137,13 @@ class Record:
     def take_tensors(self) -> list[Tensor]:
         """Move the snapshot tensors out (to save for backward); :meth:`put_tensors` restores."""
         empty = torch.empty(0)
-        taken = [e.z for e in self.entries if isinstance(e, Snapshot)] + [self.final]
+        taken = [e.z for e in self.entries if isinstance(e, Snapshot) and e.z is not None]
+        taken.append(self.final)
         self.entries = [
-            dataclasses.replace(e, z=empty) if isinstance(e, Snapshot) else e for e in self.entries
+            dataclasses.replace(e, z=empty) if isinstance(e, Snapshot) and e.z is not None else e
+            for e in self.entries
         ]
+        self._segment = {}
         self.final = empty
         return taken
 
@@ -143,7 +153,7 @@ class Record:
             raise RuntimeError(self.released)
         it = iter(tensors)
         self.entries = [
-            dataclasses.replace(e, z=next(it)) if isinstance(e, Snapshot) else e
+            dataclasses.replace(e, z=next(it)) if isinstance(e, Snapshot) and e.z is not None else e
             for e in self.entries
         ]
         self.final = next(it)
@@ -172,10 +182,14 @@ class Record:
         return [t.clone() for t in self.spec.split(grad)]
 
     def blocked(self) -> bool:
-        """True while a pullback through a kept graph of the same chain runs: that graph
-        starts at parameters an earlier record's node made from ``theta`` *and the
-        closed-over leaves*; the pullback wants partial derivatives w.r.t. those leaves, so
-        the earlier node's backward gives nothing meanwhile (no total derivative on top)."""
+        """True while a pullback through a kept graph of the same chain runs.
+
+        A kept step's graph starts at the parameters of that step, which an earlier
+        record's autograd node produced from ``theta`` *and the closed-over leaves*. A
+        pullback wants partial derivatives with respect to those leaves: the path through
+        the earlier node would add a total derivative on top, so that node's backward
+        gives nothing while the pullback runs.
+        """
         return is_blocked(self.chain)
 
     def release(self, reason: str) -> None:
@@ -196,16 +210,6 @@ class Record:
     def state_dim(self) -> int:
         return self.spec.numel if self.step_map is None else self.step_map.dim
 
-    @property
-    def meta_dim(self) -> int:
-        return sum(t.numel() for t in self.meta.tensors)
-
-    def _flat_meta(self, grads: list[Tensor]) -> Tensor:
-        spec = self.spec
-        if not grads:
-            return torch.zeros(0, dtype=spec.dtype, device=spec.device)
-        return torch.cat([g.reshape(-1).to(spec.dtype) for g in grads])
-
     def _entry(self, k: int) -> Snapshot | Kept:
         if self.released is not None:
             raise RuntimeError(self.released)
@@ -219,7 +223,12 @@ class Record:
         entry = self._entry(k)
         if not isinstance(entry, Snapshot):
             raise IndexError(f"state {k} was not stored: step(loss) keeps the step's graph instead")
-        return entry.z
+        if entry.z is not None:
+            return entry.z
+        if k not in self._segment:  # recompute the segment from its checkpoint
+            self._segment = {}  # (free the previous segment first)
+            self._segment = recompute_segment(self, k)
+        return self._segment[k]
 
     def _loss(self, k: int) -> StepLoss:
         if k >= self.steps - 1 and self.final_loss is not None:
@@ -251,88 +260,10 @@ class Record:
         return engine.vjp_increment(
             _constant(entry.loss),
             lambda z, g: step_map.delta(z, g, aux),
-            entry.z,
+            self.snapshot(k),
             v,
             self.param_dim,
         )
-
-    def pullback(
-        self, k: int, v: Tensor, *, want_state: bool = True
-    ) -> tuple[Tensor | None, Tensor]:
-        entry, step_map = self._entry(k), self._step_map()
-        self.products += 1
-        if isinstance(entry, Kept):
-            w_step, _ = self.meta.copies()
-            with torch.enable_grad():
-                z = self.spec.flatten(entry.params)
-                if entry.state is not None:
-                    z = torch.cat([z, entry.state])
-                delta = step_map.delta(z, self.spec.flatten(entry.grads), entry.aux, w_step)
-            with blocking(self.chain):
-                grads = pull_list([delta], (*entry.inputs, *w_step, *self.meta.closed), [v])
-            n = len(entry.inputs)
-            a = torch.cat([g.reshape(-1) for g in grads[:n]]) if want_state else None
-            return a, self._flat_meta(grads[n:])
-        aux = entry.aux
-        a, grads = engine.pullback(
-            entry.loss,
-            lambda z, g, w: step_map.delta(z, g, aux, w),
-            entry.z,
-            v,
-            self.param_dim,
-            self.meta,
-            want_state=want_state,
-        )
-        return a, self._flat_meta(grads)
-
-    def meta_pullback_many(
-        self, start: int, vectors: Tensor, *, chunk_size: int | None = None, vectorize: bool = True
-    ) -> Tensor:
-        n = vectors.shape[0]
-        if start + n > self.steps:
-            raise IndexError(f"steps {start}..{start + n - 1} go past the last step")
-        entries = [self._entry(start + r) for r in range(n)]
-        stacked = self._stack(entries) if vectorize and n > 1 else None
-        if stacked is not None:
-            fn, states, aux, batch, batch_dim = stacked
-            try:
-                grads = engine.meta_pullback_many(
-                    fn,
-                    self._step_map().delta,
-                    states,
-                    aux,
-                    batch,
-                    batch_dim,
-                    vectors,
-                    self.param_dim,
-                    self.meta,
-                    chunk_size=chunk_size,
-                )
-                self.products += n
-                return self._flat_meta(grads)
-            except (RuntimeError, NotImplementedError, ValueError) as err:
-                _vmap_failed(err)
-        total = torch.zeros(self.meta_dim, dtype=self.spec.dtype, device=self.spec.device)
-        for r in range(n):
-            total = total + self.pullback(start + r, vectors[r], want_state=False)[1]
-        return total
-
-    def mixed(self, k: int, v: Tensor) -> Tensor:
-        params = self.snapshot(k)[: self.param_dim]
-        return self.mixed_at(params, v, k=min(k, max(self.steps - 1, 0)))
-
-    def mixed_at(self, params: Tensor, v: Tensor, *, k: int = 0) -> Tensor:
-        self.products += 1
-        _, grads = engine.pullback(
-            self._loss(k),
-            lambda z, g, w: g,
-            params,
-            v[: self.param_dim],
-            self.param_dim,
-            self.meta,
-            want_state=False,
-        )
-        return self._flat_meta(grads)
 
     def apply_many(
         self, start: int, vectors: Tensor, *, chunk_size: int | None = None, vectorize: bool = True
@@ -350,8 +281,8 @@ class Record:
 
     def _stack(self, entries: list[Snapshot | Kept]) -> tuple[Any, ...] | None:
         """``(fn, states, aux, batch, batch_dim)`` to vmap over, or ``None`` (loop instead)."""
-        if not all(isinstance(e, Snapshot) for e in entries):
-            return None  # kept graphs cannot be stacked
+        if not all(isinstance(e, Snapshot) and e.z is not None for e in entries):
+            return None  # kept graphs cannot be stacked; checkpointed states are recomputed
         snaps: list[Snapshot] = entries  # type: ignore[assignment]
         losses = [e.loss for e in snaps]
         if not all(s.batchable for s in losses) or any(s.fn is not losses[0].fn for s in losses):
@@ -373,7 +304,13 @@ class Record:
             )
             return None
         aux = tuple(torch.stack(col) for col in zip(*(e.aux for e in snaps), strict=True))
-        return losses[0].fn, _rows([e.z for e in snaps]), aux, stacked[0], stacked[1]
+        return (
+            losses[0].fn,
+            _rows([e.z for e in snaps if e.z is not None]),
+            aux,
+            stacked[0],
+            stacked[1],
+        )
 
     def _batched(
         self, entries: list[Snapshot | Kept], vectors: Tensor, chunk_size: int | None
@@ -418,3 +355,11 @@ class Record:
             leaf = params if create_graph else params.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(loss(leaf), leaf, create_graph=create_graph)
         return -grad
+
+
+def _with_z(entry: Snapshot | Kept, z: Any) -> Snapshot | Kept:
+    """``entry`` with its stored state replaced (``z`` a tensor, or an iterator of them);
+    kept steps and states left to recompute are unchanged."""
+    if not isinstance(entry, Snapshot) or entry.z is None:
+        return entry
+    return dataclasses.replace(entry, z=z if isinstance(z, Tensor) else next(z))

@@ -60,6 +60,7 @@ class Session:
             per_step_batches=False,
             flow_samples=self.step_map.time_step is not None,
             step_meta=bool(self.step_map.meta),
+            horizon=False,
         )
         check_fit(rule, needs, self._offers)
         self.unrolled = needs.graph

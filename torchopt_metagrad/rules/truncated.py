@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
 from torch import Tensor
 
+from torchopt_metagrad._core.checks import check_int
+from torchopt_metagrad._core.needs import Needs
 from torchopt_metagrad.rules.base import (
     Estimate,
     RecordProtocol,
@@ -112,7 +115,28 @@ class Exact(StepProductRule):
     rebuilt from the stored snapshot, so memory is K flat snapshots (O(K d)) plus
     one step's graph, instead of the K graphs that unrolled backprop keeps alive;
     time is about one extra inner-loss gradient per step.
+
+    ``snapshots=n`` stores only ``n`` states (checkpoints every ``s = ceil(K/n)`` steps)
+    and recomputes the others in the backward, one segment at a time (each step's loss
+    replayed: the same states bit for bit): one extra forward pass (``K - n`` steps),
+    memory ``n + s`` snapshots; ``n ~ sqrt(K)`` minimizes it (``tmg.adapt`` only: the
+    number of steps must be known). Same result as storing every state.
+
+    Args:
+        snapshots: the most states to store (``None``: every state).
     """
+
+    snapshots: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.snapshots is not None:
+            check_int(self.snapshots, "snapshots", minimum=1)
+
+    def needs(self, steps: int, *, meta: bool = False) -> Needs:
+        needs = super().needs(steps, meta=meta)
+        if self.snapshots is None:
+            return needs
+        return dataclasses.replace(needs, checkpoints=self.snapshots)
 
     def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor | Estimate:
         return backward_product(record, g, 0)
