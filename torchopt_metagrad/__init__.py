@@ -9,7 +9,7 @@ Usage::
     outer_loss(adapted).backward()   # the rule's meta-gradient lands on .grad
 """
 
-from torchopt_metagrad import diagnostics, rules
+from torchopt_metagrad import diagnostics, distributed, rules
 from torchopt_metagrad._core.ode import ODE
 from torchopt_metagrad.errors import (
     NonFiniteError,
@@ -46,6 +46,7 @@ __all__ = [
     "adapt",
     "adjoint",
     "diagnostics",
+    "distributed",
     "flow",
     "format_rule",
     "implicit",

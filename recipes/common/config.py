@@ -39,6 +39,8 @@ __all__ = [
 
 C = TypeVar("C", bound="RunConfig")
 DEVICES = ("auto", "cpu", "cuda")
+OUTER_OPTIMIZERS = ("adam", "sgd")
+OUTER_SCHEDULES = ("constant", "cosine", "step")
 
 
 def option(
@@ -96,7 +98,22 @@ class TrainConfig(RunConfig):
 
     meta_steps: int = option(1000, "outer (meta) steps; a resumed run may extend it", volatile=True)
     meta_batch: int = option(5, "tasks per meta-batch")
-    outer_lr: float = option(1e-3, "Adam learning rate of the outer loop")
+    outer_lr: float = option(1e-3, "learning rate of the outer optimizer")
+    outer_optimizer: str = option("adam", "outer optimizer", choices=OUTER_OPTIMIZERS)
+    outer_momentum: float = option(0.0, "momentum of --outer-optimizer sgd")
+    outer_schedule: str = option(
+        "constant",
+        "outer lr schedule: constant; cosine (from --outer-lr to 0 at meta-step "
+        "--outer-decay-steps, then 0); step (times --outer-gamma every --outer-decay-steps)",
+        choices=OUTER_SCHEDULES,
+    )
+    outer_decay_steps: int = option(0, "meta-steps of the cosine / step schedule")
+    outer_gamma: float = option(0.5, "factor of the step schedule")
+    vmap_tasks: bool = option(
+        False,
+        "run a meta-batch's tasks together under torch.func.vmap (rules only; the same "
+        "meta-gradient up to float round-off)",
+    )
     inner_lr: float = option(0.01, "inner gradient-descent step size")
     steps: int = option(5, "inner steps K during meta-training")
     eval_every: int = option(100, "evaluate every this many meta-steps (0: only at the end)")
@@ -114,6 +131,12 @@ class TrainConfig(RunConfig):
         "continue from the run's checkpoint (same numbers as an uninterrupted run)",
         volatile=True,
     )
+    overwrite: bool = option(
+        False,
+        "start afresh in an output folder that already holds a run (its checkpoint and "
+        "metrics are replaced); without it such a folder is refused",
+        volatile=True,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,6 +145,12 @@ class TrainConfig(RunConfig):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if not self.outer_lr > 0 or not self.inner_lr > 0:
             raise ValueError("--outer-lr and --inner-lr must be > 0")
+        if self.outer_schedule != "constant" and self.outer_decay_steps < 1:
+            raise ValueError(
+                f"--outer-schedule {self.outer_schedule} needs --outer-decay-steps >= 1"
+            )
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
 
 
 def stable_fields(config: RunConfig) -> dict[str, Any]:

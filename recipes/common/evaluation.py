@@ -48,6 +48,7 @@ def adaptation_curve(
     metric: Metric = mse,
     train_loss: Metric = mse,
     adapt: Sequence[str] | None = None,
+    optimizer: Any = None,
 ) -> Tensor:
     """Metric on each task's query set after each number of GD steps in ``eval_steps``.
 
@@ -65,6 +66,9 @@ def adaptation_curve(
         train_loss: per-task training loss.
         adapt: the names of the parameters that adapt (default: all); the others stay
             at the model's values (ANIL's body).
+        optimizer: a torchopt functional optimizer to step with instead of ``lr``
+            (elementwise ones, such as sgd with momentum, adam, rmsprop: its state is
+            stacked over tasks like the parameters).
 
     Returns:
         ``(n_tasks, len(eval_steps))`` tensor of metric values.
@@ -82,6 +86,7 @@ def adaptation_curve(
     per_task_metric = torch.func.vmap(metric)
     wanted = sorted(set(int(s) for s in eval_steps))
     found: dict[int, Tensor] = {}
+    state = optimizer.init({k: leaves[k] for k in names}) if optimizer is not None else None
     for step in range(wanted[-1] + 1):
         if step in wanted:
             with torch.no_grad():
@@ -94,8 +99,17 @@ def adaptation_curve(
                 params = {k: v.requires_grad_(k in names) for k, v in leaves.items()}
                 loss = per_task_loss(forward(params, xs), ys).sum()
                 grads = torch.autograd.grad(loss, [params[k] for k in names])
-            rates = _rates(lr, names, step)
             leaves = {k: v.detach() for k, v in params.items()}
+            if optimizer is not None:
+                import torchopt
+
+                adapted = {k: leaves[k] for k in names}
+                updates, state = optimizer.update(
+                    dict(zip(names, grads, strict=True)), state, params=adapted, inplace=False
+                )
+                leaves.update(torchopt.apply_updates(adapted, updates, inplace=False))
+                continue
+            rates = _rates(lr, names, step)
             for k, g in zip(names, grads, strict=True):
                 leaves[k] = (leaves[k] - rates[k] * g).detach()
     return torch.stack([found[int(s)] for s in eval_steps], dim=1)

@@ -41,10 +41,13 @@ __all__ = [
     "check_method",
     "inner_options",
     "last_layer",
+    "make_inner_optimizer",
 ]
 
 #: Values of ``--learn-lr``.
 LEARN_LR = ("off", "scalar", "per-step", "per-parameter")
+#: torchopt functional optimizers ``--inner-optimizer`` may name.
+INNER_OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 
 #: A step size as ``tmg.adapt`` takes it: float, 0-dim, ``(K,)`` or ``{name: tensor}``.
 Lr = float | Tensor | dict[str, Tensor]
@@ -63,6 +66,12 @@ class InnerConfig(TrainConfig):
     anil: bool = option(
         False, "adapt only the last layer in the inner loop (ANIL); the body is meta-learned"
     )
+    inner_optimizer: str = option(
+        "sgd",
+        "inner optimizer at --inner-lr: sgd (plain gradient descent), or a torchopt "
+        "functional optimizer name[:key=value,...], e.g. sgd:momentum=0.9, adam, "
+        "adam:betas=0.5/0.999 (a fixed lr only)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,13 +79,61 @@ class InnerConfig(TrainConfig):
             raise ValueError(
                 f"--learn-lr must be one of {', '.join(LEARN_LR)}, got {self.learn_lr!r}"
             )
+        optimizer = make_inner_optimizer(self.inner_optimizer, self.inner_lr)
+        if optimizer is not None and self.learn_lr != "off":
+            raise ValueError(
+                f"--learn-lr {self.learn_lr} needs --inner-optimizer sgd (a learned rate is a "
+                "plain gradient step's)"
+            )
 
 
-def inner_options(config: TrainConfig) -> tuple[str, bool]:
-    """``(learn_lr, anil)`` of ``config``; ``("off", False)`` for a config without them."""
+def inner_options(config: TrainConfig) -> tuple[str, bool, str]:
+    """``(learn_lr, anil, inner_optimizer)`` of ``config``; ``("off", False, "sgd")`` for a
+    config without them."""
     if isinstance(config, InnerConfig):
-        return config.learn_lr, config.anil
-    return "off", False
+        return config.learn_lr, config.anil, config.inner_optimizer
+    return "off", False, "sgd"
+
+
+def make_inner_optimizer(spec: str, lr: float) -> Any:
+    """``--inner-optimizer``'s torchopt ``GradientTransformation`` at ``lr``, or ``None``
+    for plain gradient descent (``sgd`` without knobs: ``tmg.adapt``'s ``lr=``).
+
+    Values are ints, floats, ``true``/``false``, or ``a/b`` for a tuple of floats.
+
+    Raises:
+        ValueError: an unknown optimizer or knob, naming the option.
+    """
+    import torchopt
+
+    name, _, rest = spec.partition(":")
+    if name not in INNER_OPTIMIZERS:
+        raise ValueError(
+            f"--inner-optimizer: unknown optimizer {name!r}; one of {', '.join(INNER_OPTIMIZERS)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (i.strip() for i in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--inner-optimizer {spec}: expected key=value, got {item!r}")
+        kwargs[key.strip()] = _knob_value(value.strip())
+    if name == "sgd" and not kwargs:
+        return None
+    try:
+        return getattr(torchopt, name)(lr, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--inner-optimizer {spec}: {err}") from None
+
+
+def _knob_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if "/" in text:
+        return tuple(float(v) for v in text.split("/"))
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def last_layer(model: nn.Module) -> list[str]:
@@ -95,24 +152,31 @@ def last_layer(model: nn.Module) -> list[str]:
     return last
 
 
-def check_method(method: Method, learn_lr: str, anil: bool, steps: int) -> None:
-    """Raise ``ValueError`` (naming the flag) if ``method`` cannot train these meta-parameters.
+def check_method(
+    method: Method, learn_lr: str, anil: bool, steps: int, optimizer: str = "sgd"
+) -> None:
+    """Raise ``ValueError`` (naming the flag) if ``method`` cannot train these meta-parameters
+    or step with this inner optimizer.
 
     Outer directions (Reptile) and ``flow=`` methods are refused here. For a rule,
     ``tmg.adapt`` runs once on a toy two-layer problem with a learned rate of the
-    same kind and the same kind of adapt list, so the library's own message says why
-    a rule refuses them (e.g. ``ImplicitCG`` and a learned lr); nothing here names a rule.
+    same kind, the same kind of adapt list, or the inner optimizer, so the library's own
+    message says why a rule refuses them (e.g. ``ImplicitCG`` and a learned lr); nothing
+    here names a rule.
     """
     if learn_lr not in LEARN_LR:
         raise ValueError(f"--learn-lr must be one of {', '.join(LEARN_LR)}, got {learn_lr!r}")
     probes = [(f"--learn-lr {learn_lr}", learn_lr, False)] if learn_lr != "off" else []
     probes += [("--anil", "off", True)] if anil else []
+    inner_opt = make_inner_optimizer(optimizer, 0.1)
+    if inner_opt is not None:
+        probes += [(f"--inner-optimizer {optimizer}", "off", False)]
     if not probes:
         return
     flags = " and ".join(flag for flag, _, _ in probes)
     verb = "need" if len(probes) > 1 else "needs"
     if not method.is_rule:
-        what = "a learned lr" if learn_lr != "off" else "ANIL's body"
+        what = "a learned lr" if learn_lr != "off" else "ANIL's body" if anil else "the optimizer"
         raise ValueError(
             f"{flags} {verb} a meta-gradient rule, not {method.display!r}: its outer "
             f"direction is not a derivative of the query loss, so it gives {what} no direction"
@@ -133,9 +197,11 @@ def check_method(method: Method, learn_lr: str, anil: bool, steps: int) -> None:
 
     for flag, mode, partial in probes:  # one at a time, so the message names the flag
         inner = InnerParams.build(toy, learn_lr=mode, anil=partial, steps=steps, lr=0.1)
+        opt = inner_opt if flag.startswith("--inner-optimizer") else None
         try:
             out = tmg.adapt(
-                loss, dict(toy.named_parameters()), None, steps=steps, lr=inner.lr(),
+                loss, dict(toy.named_parameters()), None, steps=steps,
+                lr=None if opt is not None else inner.lr(), optimizer=opt,
                 rule=method.build_rule(), adapt=inner.adapt,
             )  # fmt: skip
             loss(out, None).backward()
@@ -153,18 +219,34 @@ class InnerParams:
         tensors: the learned rates (leaves that require grad), by name: ``{"lr": t}``
             for ``scalar`` / ``per-step``, ``{param name: t}`` for ``per-parameter``;
             empty when ``off``.
+        optimizer: the inner torchopt optimizer (``tmg.adapt``'s ``optimizer=``), or
+            ``None`` for plain gradient descent at :meth:`lr`.
     """
 
     def __init__(
-        self, mode: str, base_lr: float, adapt: list[str] | None, tensors: dict[str, Tensor]
+        self,
+        mode: str,
+        base_lr: float,
+        adapt: list[str] | None,
+        tensors: dict[str, Tensor],
+        optimizer: Any = None,
     ) -> None:
         self.mode, self.base_lr, self.adapt, self.tensors = mode, base_lr, adapt, tensors
+        self.optimizer = optimizer
 
     @classmethod
     def build(
-        cls, model: nn.Module, *, learn_lr: str, anil: bool, steps: int, lr: float
+        cls,
+        model: nn.Module,
+        *,
+        learn_lr: str,
+        anil: bool,
+        steps: int,
+        lr: float,
+        optimizer: str = "sgd",
     ) -> InnerParams:
-        """The step size and adapt list for ``model``, rates initialised at ``lr``.
+        """The step size, adapt list and inner optimizer for ``model``, rates initialised
+        at ``lr``.
 
         The rates take the device and dtype of the model's parameters.
         """
@@ -183,7 +265,8 @@ class InnerParams:
             tensors = {n: torch.full_like(params[n], float(lr)) for n in names}
         else:
             raise ValueError(f"--learn-lr must be one of {', '.join(LEARN_LR)}, got {learn_lr!r}")
-        return cls(learn_lr, float(lr), adapt, {k: t.requires_grad_() for k, t in tensors.items()})
+        tensors = {k: t.requires_grad_() for k, t in tensors.items()}
+        return cls(learn_lr, float(lr), adapt, tensors, make_inner_optimizer(optimizer, lr))
 
     @property
     def learned(self) -> bool:
@@ -192,8 +275,14 @@ class InnerParams:
 
     @property
     def default(self) -> bool:
-        """True for plain MAML: a fixed step size, every parameter adapts."""
-        return not self.learned and self.adapt is None
+        """True for plain MAML: a fixed gradient step, every parameter adapts."""
+        return not self.learned and self.adapt is None and self.optimizer is None
+
+    def adapt_kwargs(self) -> dict[str, Any]:
+        """``tmg.adapt``'s ``lr=`` (or ``optimizer=``) and ``adapt=`` for this inner loop."""
+        if self.optimizer is not None:
+            return {"lr": None, "optimizer": self.optimizer, "adapt": self.adapt}
+        return {"lr": self.lr(), "adapt": self.adapt}
 
     def parameters(self) -> list[Tensor]:
         """The learned rates, for the outer optimizer (empty when the lr is fixed)."""

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 import torchopt_metagrad as tmg
 
@@ -33,12 +34,15 @@ __all__ = [
     "DIRECTIONS",
     "Method",
     "TaskStats",
+    "batched_direction",
     "knob_options",
     "parse_method",
     "task_direction",
 ]
 
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
+#: ``metrics(params, batch) -> {name: 0-dim tensor}``, evaluated without a graph.
+MetricFn = Callable[[dict[str, Tensor], Any], dict[str, Tensor]]
 
 #: Keys of a method spec that configure the runner, not the rule.
 RUNNER_KEYS: dict[str, Any] = {"steps": int, "label": str, "flow": str}
@@ -46,15 +50,18 @@ RUNNER_KEYS: dict[str, Any] = {"steps": int, "label": str, "flow": str}
 
 @dataclass(frozen=True)
 class TaskStats:
-    """What one task contributed to a meta-step.
+    """What one task (or, from :func:`batched_direction`, a meta-batch on average)
+    contributed to a meta-step.
 
     Attributes:
         query_loss: outer (validation) loss at the adapted parameters.
         extras: rule diagnostics, e.g. the CG residual and solver warnings.
+        metrics: the problem's outer metrics at the adapted parameters (e.g. accuracy).
     """
 
     query_loss: float
     extras: dict[str, float]
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 #: Outer directions that are not meta-gradients of the validation loss, by name.
@@ -183,9 +190,11 @@ def task_direction(
     task: tuple[Any, Any],
     *,
     steps: int,
-    lr: float | Tensor | Mapping[str, Tensor],
+    lr: float | Tensor | Mapping[str, Tensor] | None,
     scale: float,
     adapt: Sequence[str] | None = None,
+    optimizer: Any = None,
+    metric_fn: MetricFn | None = None,
 ) -> TaskStats:
     """Add ``scale`` times one task's outer direction to ``.grad`` of ``params``.
 
@@ -194,13 +203,14 @@ def task_direction(
     on ``params``' ``.grad`` as for any loss, and on the ``.grad`` of a learned ``lr``
     (``tmg.adapt``'s forms: 0-dim, per step, per parameter). ``adapt``: the names that
     adapt (``tmg.adapt``'s ``adapt=``; the others get their meta-gradient through the
-    inner loop). For an outer direction (Reptile) it is whatever :data:`DIRECTIONS`
-    computes (a float ``lr``, every parameter adapting: see
-    :func:`recipes.common.inner.check_method`).
+    inner loop); ``optimizer``: a torchopt inner optimizer (then ``lr`` is ``None``).
+    ``metric_fn``: outer metrics at the adapted parameters, logged beside the loss. For
+    an outer direction (Reptile) it is whatever :data:`DIRECTIONS` computes (a float
+    ``lr``, every parameter adapting: see :func:`recipes.common.inner.check_method`).
     """
     if not method.is_rule:
-        if not isinstance(lr, (int, float)) or adapt is not None:
-            raise ValueError(f"{method.display}: a learned lr and adapt= need a rule")
+        if not isinstance(lr, (int, float)) or adapt is not None or optimizer is not None:
+            raise ValueError(f"{method.display}: a learned lr, adapt= and an optimizer need a rule")
         return DIRECTIONS[method.name](method, loss_fn, params, task, steps, lr, scale)
     assert rule is not None
     support, query = task
@@ -208,11 +218,14 @@ def task_direction(
         warnings.simplefilter("always", tmg.SolverWarning)
         if method.flow is None:
             adapted = tmg.adapt(
-                loss_fn, params, support, steps=steps, lr=lr, rule=rule, adapt=adapt
-            )
+                loss_fn, params, support, steps=steps, lr=lr, rule=rule, adapt=adapt,
+                optimizer=optimizer,
+            )  # fmt: skip
         else:
-            if not isinstance(lr, (int, float)) or adapt is not None:
-                raise ValueError(f"{method.display}: a learned lr and adapt= need flow= off")
+            if not isinstance(lr, (int, float)) or adapt is not None or optimizer is not None:
+                raise ValueError(
+                    f"{method.display}: a learned lr, adapt= and an optimizer need flow= off"
+                )
             adapted = tmg.flow(
                 loss_fn,
                 params,
@@ -224,21 +237,78 @@ def task_direction(
             )
         query_loss = loss_fn(adapted, query)
         (query_loss * scale).backward()
-    extras: dict[str, float] = {}
+    metrics = {}
+    if metric_fn is not None:
+        with torch.no_grad():
+            found = metric_fn({k: v.detach() for k, v in adapted.items()}, query)
+        metrics = {k: float(v) for k, v in found.items()}
+    return TaskStats(float(query_loss.detach()), _rule_extras(caught, reports), metrics)
+
+
+def batched_direction(
+    method: Method,
+    rule: tmg.AbstractRule,
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    tasks: Sequence[tuple[Any, Any]],
+    *,
+    steps: int,
+    lr: float | Tensor | Mapping[str, Tensor] | None,
+    scale: float,
+    adapt: Sequence[str] | None = None,
+    optimizer: Any = None,
+    metric_fn: MetricFn | None = None,
+) -> TaskStats:
+    """:func:`task_direction` for all ``tasks`` at once, under ``torch.func.vmap``.
+
+    The tasks' tensors are stacked (they must have equal shapes); the library runs
+    their inner loops together when it can (a pure loss, a step-product rule) and one
+    after another inside the vmap otherwise, with the same meta-gradient up to float
+    round-off. Adds ``scale`` times the sum of the tasks' directions to ``.grad``;
+    returns the mean over tasks of the query loss, the metrics and the rule diagnostics.
+    """
+    if not method.is_rule or method.flow is not None:
+        raise ValueError(f"{method.display}: tasks under vmap need a rule without flow=")
+    stacked = pytree.tree_map(lambda *xs: torch.stack(xs), *tasks)
+
+    def one(task: tuple[Any, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        support, query = task
+        adapted = tmg.adapt(
+            loss_fn, params, support, steps=steps, lr=lr, rule=rule, adapt=adapt,
+            optimizer=optimizer,
+        )  # fmt: skip
+        found: dict[str, Tensor] = {}
+        if metric_fn is not None:
+            with torch.no_grad():
+                found = metric_fn({k: v.detach() for k, v in adapted.items()}, query)
+        return loss_fn(adapted, query), found
+
+    with warnings.catch_warnings(record=True) as caught, tmg.diagnostics.collect() as reports:
+        warnings.simplefilter("always", tmg.SolverWarning)
+        losses, metrics = torch.func.vmap(one)(stacked)
+        (losses.sum() * scale).backward()
+    means = {k: float(v.float().mean()) for k, v in metrics.items()}
+    return TaskStats(float(losses.detach().mean()), _rule_extras(caught, reports), means)
+
+
+def _rule_extras(caught: list[warnings.WarningMessage], reports: list[Any]) -> dict[str, float]:
+    """Rule diagnostics as numbers (mean over reports); solver warnings counted, others
+    re-emitted (they are the caller's business)."""
     solver = [w for w in caught if issubclass(w.category, tmg.SolverWarning)]
-    for w in caught:  # anything else is the caller's business: re-emit it
+    for w in caught:
         if not issubclass(w.category, tmg.SolverWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    info = reports[-1].info if reports else None  # e.g. ImplicitCG's CGInfo
-    if info is not None:
-        extras = {
-            f"rule/{k}": float(v)
-            for k, v in dataclasses.asdict(info).items()
-            if isinstance(v, (int, float))  # numbers only (AdjointInfo.scheme is a name)
-        }
-    if info is not None or solver:
+    extras: dict[str, float] = {}
+    infos = [r.info for r in reports if r.info is not None]  # e.g. ImplicitCG's CGInfo
+    for info in infos:
+        for k, v in dataclasses.asdict(info).items():
+            if isinstance(v, (int, float, Tensor)) and not isinstance(v, str):
+                # numbers only (AdjointInfo.scheme is a name)
+                value = float(v.float().mean()) if isinstance(v, Tensor) else float(v)
+                extras[f"rule/{k}"] = extras.get(f"rule/{k}", 0.0) + value / len(infos)
+    if infos or solver:
         extras["rule/solver_warnings"] = float(len(solver))
-    return TaskStats(float(query_loss.detach()), extras)
+    return extras
 
 
 def _reptile(

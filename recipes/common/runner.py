@@ -39,11 +39,12 @@ from recipes.common.env import (
 )
 from recipes.common.inner import InnerParams, check_method, inner_options
 from recipes.common.interrupt import StopFlag, graceful_stop
-from recipes.common.methods import Method, task_direction
+from recipes.common.methods import Method, MetricFn, batched_direction, task_direction
 from recipes.common.metrics import MetricsLog
+from recipes.common.outer import make_optimizer, outer_lr_at, set_outer_lr
 from recipes.common.progress import progress_bar
 
-__all__ = ["Callback", "MetaProblem", "RunResult", "train"]
+__all__ = ["Callback", "MetaProblem", "RunExistsError", "RunResult", "train"]
 
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
 Task = tuple[Any, Any]
@@ -68,6 +69,19 @@ class MetaProblem(Protocol):
         """Periodic evaluation of the current initialization (deterministic), adapting
         with ``inner``'s step size and adapt list."""
         ...
+
+
+class RunExistsError(CheckpointError):
+    """The output folder already holds a run, and neither ``--resume`` nor
+    ``--overwrite`` was given."""
+
+
+def metric_fn_of(problem: MetaProblem, model: nn.Module) -> MetricFn | None:
+    """The problem's outer metrics beside the loss, if it defines any: an optional
+    ``metric_fn(model) -> metrics(params, batch) -> {name: 0-dim tensor}`` (e.g. the
+    query accuracy), logged as ``train/<name>`` with the query loss."""
+    factory = getattr(problem, "metric_fn", None)
+    return factory(model) if factory is not None else None
 
 
 #: Called after every meta-step with ``(step, record, stop)``; may request a stop.
@@ -128,8 +142,10 @@ def train(
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype)
     steps = method.steps or config.steps
-    learn_lr, anil = inner_options(config)
-    check_method(method, learn_lr, anil, steps)
+    learn_lr, anil, inner_opt = inner_options(config)
+    check_method(method, learn_lr, anil, steps, inner_opt)
+    if not config.resume:
+        _refuse_existing(ckpt_path, config)
     identity = {
         "recipe": recipe,
         "config": _identity_config(config),
@@ -138,8 +154,10 @@ def train(
 
     seed_everything(config.seed)
     model = problem.make_model().to(device=device, dtype=dtype)
-    inner = InnerParams.build(model, learn_lr=learn_lr, anil=anil, steps=steps, lr=config.inner_lr)
-    optimizer = torch.optim.Adam([*model.parameters(), *inner.parameters()], lr=config.outer_lr)
+    inner = InnerParams.build(
+        model, learn_lr=learn_lr, anil=anil, steps=steps, lr=config.inner_lr, optimizer=inner_opt
+    )
+    optimizer = make_optimizer(config, [*model.parameters(), *inner.parameters()])
     generators = {"tasks": torch.Generator().manual_seed(config.seed + 1)}
     step, records = 0, []
     if config.resume:
@@ -159,6 +177,9 @@ def train(
                 f"checkpoint {ckpt_path} is at meta-step {step}, past --meta-steps "
                 f"{config.meta_steps}"
             )
+        print(f"{recipe}: {desc or method.display}: resumed from step {step} ({run_dir})")
+    else:
+        print(f"{recipe}: {desc or method.display}: writing to {run_dir}")
 
     def checkpoint() -> None:
         save_checkpoint(
@@ -176,6 +197,8 @@ def train(
 
     rule = method.build_rule() if method.is_rule else None
     loss_fn = problem.loss_fn(model)
+    metric_fn = metric_fn_of(problem, model)
+    batched = config.vmap_tasks and method.is_rule and method.flow is None
     first = step
     interrupted = False
     log = MetricsLog(run_dir / "metrics.jsonl", records)
@@ -190,9 +213,11 @@ def train(
         ):
             while step < config.meta_steps:
                 tasks = problem.sample_tasks(generators["tasks"], config.meta_batch)
+                set_outer_lr(optimizer, outer_lr_at(config, step))
                 record = _meta_step(
-                    model, inner, optimizer, rule, method, loss_fn, tasks, steps, device, dtype
-                )
+                    model, inner, optimizer, rule, method, loss_fn, tasks, steps, device, dtype,
+                    metric_fn=metric_fn, batched=batched,
+                )  # fmt: skip
                 step += 1
                 record = {"step": step, **record}
                 last = step == config.meta_steps
@@ -239,33 +264,53 @@ def _meta_step(
     steps: int,
     device: torch.device,
     dtype: torch.dtype,
+    *,
+    metric_fn: MetricFn | None = None,
+    batched: bool = False,
 ) -> dict[str, float]:
-    """One outer step: every task adds ``1/n`` of its direction to ``.grad``; Adam steps."""
+    """One outer step: every task adds ``1/n`` of its direction to ``.grad``; the outer
+    optimizer steps. ``batched``: all tasks at once under ``torch.func.vmap``."""
     optimizer.zero_grad(set_to_none=False)
     for p in [*model.parameters(), *inner.parameters()]:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     params = dict(model.named_parameters())
-    losses: list[float] = []
-    extras: dict[str, float] = {}
-    for task in tasks:
-        task = _to(task, device, dtype)
-        stats = task_direction(
-            method,
-            rule,
-            loss_fn,
-            params,
-            task,
-            steps=steps,
-            lr=inner.lr(),
-            adapt=inner.adapt,
-            scale=1.0 / len(tasks),
-        )
-        losses.append(stats.query_loss)
-        for k, v in stats.extras.items():
-            extras[k] = extras.get(k, 0.0) + v / len(tasks)
+    tasks = [_to(task, device, dtype) for task in tasks]
+    kwargs = {"steps": steps, "scale": 1.0 / len(tasks), "metric_fn": metric_fn}
+    kwargs.update(inner.adapt_kwargs())
+    if batched:
+        stats = [batched_direction(method, rule, loss_fn, params, tasks, **kwargs)]
+    else:
+        stats = [task_direction(method, rule, loss_fn, params, t, **kwargs) for t in tasks]
     optimizer.step()
-    return {"train/query_loss": sum(losses) / len(losses), **extras, **inner.stats()}
+    record = {"train/query_loss": _mean([s.query_loss for s in stats])}
+    for name in ("metrics", "extras"):
+        keys = dict.fromkeys(k for s in stats for k in getattr(s, name))
+        for k in keys:
+            mean = sum(getattr(s, name).get(k, 0.0) for s in stats) / len(stats)
+            record[f"train/{k}" if name == "metrics" else k] = mean
+    return {**record, **inner.stats()}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _refuse_existing(ckpt_path: Path, config: TrainConfig) -> None:
+    """A folder that holds a run is not silently overwritten."""
+    if not ckpt_path.is_file():
+        return
+    if config.overwrite:
+        ckpt_path.unlink()
+        return
+    try:
+        step = f"at meta-step {int(load_checkpoint(ckpt_path)['step'])}"
+    except (CheckpointError, KeyError, ValueError):
+        step = "unreadable"
+    raise RunExistsError(
+        f"{ckpt_path.parent} already holds a run ({step}): add --resume to continue it, "
+        "--overwrite to start it afresh, or choose another --out / --name"
+    )
 
 
 def _to(tree: Any, device: torch.device, dtype: torch.dtype) -> Any:

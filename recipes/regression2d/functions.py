@@ -148,6 +148,7 @@ class RegressionProblem:
             self.test_query,
             lr=self.inner_lr if inner is None else inner.lr(detach=True),
             adapt=None if inner is None else inner.adapt,
+            optimizer=None if inner is None else inner.optimizer,
             eval_steps=steps,
             metric=nrmse,
         )

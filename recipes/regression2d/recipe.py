@@ -23,18 +23,17 @@ modified Euler scheme over the GD iterates, t_k = k lr) with the long horizon
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from recipes.common.config import TrainConfig, config_dict, option, parse_config, stable_fields
+from recipes.common.compare import Evaluation, compare, parse_methods
+from recipes.common.config import TrainConfig, option, parse_config
 from recipes.common.env import cpu_threads, resolve_device, resolve_dtype
-from recipes.common.methods import Method, parse_method
-from recipes.common.metrics import training_time, write_csv, write_json
+from recipes.common.methods import Method
+from recipes.common.metrics import write_json
 from recipes.common.plotting import plot_curves
-from recipes.common.runner import Callback, train
-from recipes.common.tables import markdown_table
+from recipes.common.runner import Callback, RunResult
 from recipes.regression2d.functions import FAMILIES, RegressionProblem
 
 __all__ = ["SETTINGS", "Regression2DConfig", "main"]
@@ -110,13 +109,7 @@ class Regression2DConfig(TrainConfig):
             "adjoint:label=A-MAML",
             f"exact:steps={self._value('maml_steps')},label=MAML",
         )
-        methods = [parse_method(s) for s in specs]
-        for method in methods:
-            method.check(self._value("steps"))
-        slugs = [m.slug for m in methods]
-        if len(set(slugs)) != len(slugs):
-            raise ValueError(f"--methods: two methods have the same name: {slugs}; add label=...")
-        return methods
+        return parse_methods(specs, self._value("steps"))
 
 
 def main(
@@ -135,12 +128,6 @@ def main(
 
 def _run(config: Regression2DConfig, callbacks: Sequence[Callback]) -> dict[str, Any]:
     methods = config.method_list()
-    out = Path(config.out_dir)
-    manifest = out / "study.json"
-    if config.resume and not manifest.is_file():
-        raise FileNotFoundError(f"--resume: no study to resume in {out} ({manifest} is missing)")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(manifest, {"config": config_dict(config), "stable": stable_fields(config)})
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
     problem = RegressionProblem(
         FAMILIES[config.function],
@@ -156,94 +143,58 @@ def _run(config: Regression2DConfig, callbacks: Sequence[Callback]) -> dict[str,
         dtype=dtype,
     )
     test_steps = list(config.test_steps)
-    results: dict[str, Any] = {}
-    interrupted = False
-    for method in methods:
-        run_dir = out / method.slug
-        resume = config.resume and (run_dir / "checkpoint.pt").is_file()
-        run = train(
-            problem,
-            method,
-            dataclasses.replace(config, resume=resume),
-            run_dir,
-            recipe="regression2d",
-            callbacks=callbacks,
-        )
-        entry: dict[str, Any] = {
-            "method": method.spec,
-            "inner_steps": method.steps or config.steps,
-            "step": run.step,
-            "train_time_s": training_time(run.records),
-        }
-        results[method.display] = entry
-        if not run.completed:
-            interrupted = True
-            print(
-                f"regression2d: {method.display} stopped at meta-step {run.step}/"
-                f"{config.meta_steps}; rerun the same command with --resume to continue",
-                flush=True,
-            )
-            break
-        start = time.perf_counter()
+
+    def evaluate(method: Method, run: RunResult) -> Evaluation:
         curve = problem.test_curve(run.model, test_steps, run.inner)
-        entry["nrmse_mean"] = curve.mean(0).tolist()
-        entry["nrmse_std"] = curve.std(0).tolist()
-        entry["eval_time_s"] = time.perf_counter() - start
-        entry["final_train_query_loss"] = run.records[-1]["train/query_loss"]
+        mean, std = curve.mean(0).tolist(), curve.std(0).tolist()
+        return Evaluation(
+            score=mean[-1],
+            cells=[f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std, strict=True)],
+            data={
+                "nrmse_mean": mean,
+                "nrmse_std": std,
+                "final_train_query_loss": run.records[-1]["train/query_loss"],
+            },
+            csv_rows=[
+                {"adapt_steps": k, "nrmse_mean": m, "nrmse_std": d}
+                for k, m, d in zip(test_steps, mean, std, strict=True)
+            ],
+        )
+
+    title = (
+        f"{config.function}, {config.shots}shot-{config.val_shots}val, {config.meta_steps} "
+        f"meta-steps x {config.meta_batch} tasks, outer {config.outer_optimizer} "
+        f"{config.outer_lr:g}, inner lr {config.inner_lr:g}; nRMSE on {config.test_tasks} new "
+        f"tasks (mean ± std) after each number of test-time steps; ranked after {test_steps[-1]}"
+    )
+    out = Path(config.out_dir)
+    summary = compare(
+        problem,
+        methods,
+        config,
+        out,
+        recipe="regression2d",
+        evaluate=evaluate,
+        columns=[f"{s} steps" for s in test_steps],
+        title=title,
+        curve=("eval/test_nrmse", f"test nRMSE after {config.steps} steps"),
+        callbacks=callbacks,
+    )
     summary = {
         "function": config.function,
         "setting": config.setting,
         "test_steps": test_steps,
-        "methods": results,
-        "interrupted": interrupted,
+        **summary,
     }
-    done = {k: v for k, v in results.items() if "nrmse_mean" in v}
-    if not interrupted:
-        summary["ranking"] = sorted(done, key=lambda k: done[k]["nrmse_mean"][-1])
-        _report(config, summary, done, out)
     write_json(out / "results.json", summary)
-    return summary
-
-
-def _report(
-    config: Regression2DConfig, summary: dict[str, Any], done: dict[str, Any], out: Path
-) -> None:
-    steps = summary["test_steps"]
-    rows, csv_rows = [], []
-    for label in summary["ranking"]:
-        r = done[label]
-        cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(r["nrmse_mean"], r["nrmse_std"], strict=True)]
-        rows.append([label, r["inner_steps"], *cells, f"{r['train_time_s']:.0f}"])
-        for s, m, d in zip(steps, r["nrmse_mean"], r["nrmse_std"], strict=True):
-            csv_rows.append(
-                {
-                    "method": label,
-                    "spec": r["method"],
-                    "adapt_steps": s,
-                    "nrmse_mean": m,
-                    "nrmse_std": d,
-                }
-            )
-    write_csv(out / "summary.csv", csv_rows)
-    title = (
-        f"{config.function}, {config.shots}shot-{config.val_shots}val, {config.meta_steps} "
-        f"meta-steps x {config.meta_batch} tasks, Adam {config.outer_lr:g}, inner lr "
-        f"{config.inner_lr:g}; nRMSE on {config.test_tasks} new tasks (mean ± std)"
-    )
-    print(
-        title
-        + "\n\n"
-        + markdown_table(["method", "inner steps", *[f"{s} steps" for s in steps], "train s"], rows)
-        + f"\n\nranking after {steps[-1]} adaptation steps (best first): "
-        + " < ".join(summary["ranking"]),
-        flush=True,
-    )
-    if config.plots:
+    done = {k: v for k, v in summary["methods"].items() if "nrmse_mean" in v}
+    if config.plots and "ranking" in summary:
         plot_curves(
             out / "nrmse_vs_adaptation_steps.png",
-            {k: (steps, done[k]["nrmse_mean"], done[k]["nrmse_std"]) for k in summary["ranking"]},
+            {k: (test_steps, done[k]["nrmse_mean"], done[k]["nrmse_std"]) for k in done},
             xlabel="test-time GD steps",
             ylabel="nRMSE (mean ± std over tasks)",
             logx=True,
             title=title.split(";")[0],
         )
+    return summary

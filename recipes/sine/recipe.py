@@ -6,6 +6,7 @@
     python -m recipes.sine --mode train --rule binomial --order 1 --meta-steps 4000 --resume
     python -m recipes.sine --mode train --learn-lr per-parameter   # Meta-SGD
     python -m recipes.sine --mode train --anil                     # ANIL
+    python -m recipes.sine --mode train --methods exact binomial:order=1 first_order
 
 ``--mode study`` (a): relative error and cosine similarity of every rule's meta-gradient
 against ``Exact``, for ``L = 0..K`` (Binomial vs Truncated; FirstOrder as ``L = 0``), as
@@ -30,13 +31,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from recipes.common.compare import Evaluation, compare, parse_methods
 from recipes.common.config import config_dict, option, parse_config
 from recipes.common.env import cpu_threads, resolve_device, resolve_dtype
 from recipes.common.inner import InnerConfig, InnerParams, check_method
-from recipes.common.methods import parse_method
+from recipes.common.methods import Method, parse_method
 from recipes.common.metrics import training_time, write_csv, write_json
 from recipes.common.plotting import plot_curves
-from recipes.common.runner import Callback, train
+from recipes.common.runner import Callback, RunResult, train
 from recipes.common.tables import markdown_table
 from recipes.sine.study import StudySettings, format_study, run_study
 from recipes.sine.tasks import SineProblem
@@ -78,6 +80,11 @@ class SineConfig(InnerConfig):
     rule: str = option(
         "exact", "train: meta-gradient rule (any of tmg.available_rules()) or reptile"
     )
+    methods: tuple[str, ...] = option(
+        (),
+        "train: compare these methods instead of --rule, name[:key=value,...] each (one run "
+        "folder per method under train/, ranked by the meta-test MSE after K steps)",
+    )
     meta_steps: int = option(
         70000, "train: outer steps; a resumed run may extend it", volatile=True
     )
@@ -92,9 +99,9 @@ class SineConfig(InnerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        method = parse_method(self.rule)
-        method.check(self.steps)  # order > steps: an argparse error
-        check_method(method, self.learn_lr, self.anil, self.steps)  # e.g. reptile + --anil
+        for method in parse_methods(self.methods or (self.rule,), self.steps):
+            # e.g. reptile + --anil, order > steps: argparse errors
+            check_method(method, self.learn_lr, self.anil, self.steps, self.inner_optimizer)
         if self.power_iters < 1:
             raise ValueError(f"--power-iters must be >= 1, got {self.power_iters}")
 
@@ -137,23 +144,61 @@ def _run(config: SineConfig, callbacks: Sequence[Callback]) -> dict[str, Any]:
         )
         print(format_study(study), flush=True)
         result["study"] = study
-    if config.mode in ("train", "both"):
+    if config.mode in ("train", "both") and config.methods:
+        result["train"] = _compare(config, out / "train", callbacks)
+    elif config.mode in ("train", "both"):
         result["train"] = _train(config, out / "train", callbacks)
     return result
+
+
+def _problem(config: SineConfig, eval_steps: int) -> SineProblem:
+    return SineProblem(
+        shots=config.shots,
+        query_shots=config.query_shots,
+        test_tasks=config.test_tasks,
+        eval_steps=eval_steps,
+        seed=config.seed,
+        device=resolve_device(config.device),
+        dtype=resolve_dtype(config.dtype),
+    )
+
+
+def _compare(config: SineConfig, out: Path, callbacks: Sequence[Callback]) -> dict[str, Any]:
+    """``--methods``: every method through the shared comparison, ranked by the meta-test
+    MSE after K adaptation steps."""
+    problem = _problem(config, config.steps)
+    steps = sorted({0, 1, config.steps, config.test_steps})
+
+    def evaluate(method: Method, run: RunResult) -> Evaluation:
+        k = method.steps or config.steps
+        curve = problem.test_curve(run.model, list(range(config.test_steps + 1)), run.inner)
+        mean, std = curve.mean(0).tolist(), curve.std(0).tolist()
+        return Evaluation(
+            score=mean[min(k, config.test_steps)],
+            cells=[f"{mean[s]:.3f} ± {std[s]:.3f}" for s in steps],
+            data={"test_curve": {"mean": mean, "std": std}},
+            csv_rows=[{"adapt_steps": s, "mse_mean": mean[s], "mse_std": std[s]} for s in steps],
+        )
+
+    return compare(
+        problem,
+        parse_methods(config.methods, config.steps),
+        config,
+        out,
+        recipe="sine",
+        evaluate=evaluate,
+        columns=[f"{s} steps" for s in steps],
+        title=f"sine: query MSE on {config.test_tasks} new tasks after each number of "
+        f"adaptation steps (mean ± std); ranked after K",
+        curve=("eval/meta_test_loss", "meta-test MSE after K steps"),
+        callbacks=callbacks,
+    )
 
 
 def _train(config: SineConfig, out: Path, callbacks: Sequence[Callback]) -> dict[str, Any]:
     method = parse_method(config.rule)
     method.check(config.steps)
-    problem = SineProblem(
-        shots=config.shots,
-        query_shots=config.query_shots,
-        test_tasks=config.test_tasks,
-        eval_steps=method.steps or config.steps,
-        seed=config.seed,
-        device=resolve_device(config.device),
-        dtype=resolve_dtype(config.dtype),
-    )
+    problem = _problem(config, method.steps or config.steps)
     run = train(problem, method, config, out, recipe="sine", callbacks=callbacks)
     metrics: dict[str, Any] = {
         "method": method.spec,

@@ -70,6 +70,7 @@ class SineProblem:
             self.test_query,
             lr=inner.lr(detach=True),
             adapt=inner.adapt,
+            optimizer=inner.optimizer,
             eval_steps=steps,
         )
 

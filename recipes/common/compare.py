@@ -1,0 +1,202 @@
+"""Several methods on one problem: per-method runs with resume, evaluation, ranking, table, plots.
+
+Every recipe that compares methods calls :func:`compare` with its problem, the parsed
+``--methods`` (:func:`parse_methods`) and an ``evaluate(method, run) -> Evaluation``
+of a finished run. Each method meta-trains through the shared runner in its own folder
+``<out>/<slug>`` (checkpoint, ``metrics.jsonl``) from the same initialization and the
+same task stream; ``--resume`` continues the methods that have a checkpoint (a finished
+one is only evaluated again) and starts the others; a folder that already holds runs is
+refused unless ``--resume`` or ``--overwrite`` is given. When every method has
+finished, the methods are ranked by their evaluation's ``score``, and a Markdown
+table, ``results.json``, ``summary.csv`` and a plot of the periodic evaluation against
+the meta-step are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recipes.common.config import TrainConfig, config_dict, stable_fields
+from recipes.common.methods import Method, parse_method
+from recipes.common.metrics import training_time, write_csv, write_json
+from recipes.common.plotting import plot_curves
+from recipes.common.runner import Callback, MetaProblem, RunExistsError, RunResult, train
+from recipes.common.tables import markdown_table
+
+__all__ = ["Evaluation", "compare", "parse_methods"]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A finished run's evaluation, as the comparison uses it.
+
+    Attributes:
+        score: the number methods are ranked by.
+        cells: the method's table cells (one per entry of ``compare``'s ``columns``).
+        data: JSON entries for the method in ``results.json``.
+        csv_rows: rows for ``summary.csv`` (the method's label and spec are added).
+    """
+
+    score: float
+    cells: Sequence[str]
+    data: dict[str, Any] = field(default_factory=dict)
+    csv_rows: Sequence[dict[str, Any]] = ()
+
+
+def parse_methods(specs: Sequence[str], steps: int) -> list[Method]:
+    """Parse method specs, check each against ``steps`` inner steps (unless the method
+    sets its own), and refuse two methods with one name.
+
+    Raises:
+        ValueError: a bad spec (the rule's message), ``order > steps``, or a repeated name.
+    """
+    methods = [parse_method(s) for s in specs]
+    if not methods:
+        raise ValueError("--methods: give at least one method")
+    for method in methods:
+        method.check(steps)
+    slugs = [m.slug for m in methods]
+    if len(set(slugs)) != len(slugs):
+        raise ValueError(f"--methods: two methods have the same name: {slugs}; add label=...")
+    return methods
+
+
+def compare(
+    problem: MetaProblem,
+    methods: Sequence[Method],
+    config: TrainConfig,
+    out: Path,
+    *,
+    recipe: str,
+    evaluate: Callable[[Method, RunResult], Evaluation],
+    columns: Sequence[str],
+    title: str,
+    higher_is_better: bool = False,
+    curve: tuple[str, str] | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:
+    """Train and evaluate every method; see the module docstring.
+
+    Args:
+        curve: ``(record key, axis label)`` of the periodic evaluation to plot against the
+            meta-step for every method (e.g. ``("eval/val_accuracy", "accuracy")``).
+
+    Returns:
+        ``{"methods": {label: entry}, "interrupted": bool, "ranking": [labels]}`` (no
+        ranking when a method stopped early); each entry has ``method`` (its spec),
+        ``inner_steps``, ``step``, ``train_time_s``, ``step_time_s`` and the evaluation's
+        data.
+
+    Raises:
+        RunExistsError: runs already in ``out`` without ``--resume`` / ``--overwrite``.
+        FileNotFoundError: ``--resume`` in a folder with no comparison to resume.
+    """
+    manifest = out / "study.json"
+    if config.resume and not manifest.is_file():
+        raise FileNotFoundError(f"--resume: no study to resume in {out} ({manifest} is missing)")
+    existing = [str(out / m.slug) for m in methods if (out / m.slug / "checkpoint.pt").is_file()]
+    if existing and not (config.resume or config.overwrite):
+        raise RunExistsError(
+            f"{out} already holds runs ({', '.join(existing)}): add --resume to continue "
+            "them, --overwrite to start afresh, or choose another --out / --name"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(manifest, {"config": config_dict(config), "stable": stable_fields(config)})
+    results: dict[str, Any] = {}
+    evaluations: dict[str, Evaluation] = {}
+    records: dict[str, list[dict[str, Any]]] = {}
+    interrupted = False
+    for method in methods:
+        run_dir = out / method.slug
+        resume = config.resume and (run_dir / "checkpoint.pt").is_file()
+        run = train(
+            problem,
+            method,
+            dataclasses.replace(config, resume=resume),
+            run_dir,
+            recipe=recipe,
+            callbacks=callbacks,
+        )
+        seconds = training_time(run.records)
+        entry: dict[str, Any] = {
+            "method": method.spec,
+            "inner_steps": method.steps or config.steps,
+            "step": run.step,
+            "train_time_s": seconds,
+            "step_time_s": seconds / max(run.step, 1),
+        }
+        results[method.display] = entry
+        records[method.display] = run.records
+        if not run.completed:
+            interrupted = True
+            print(
+                f"{recipe}: {method.display} stopped at meta-step {run.step}/"
+                f"{config.meta_steps}; rerun the same command with --resume to continue",
+                flush=True,
+            )
+            break
+        start = time.perf_counter()
+        evaluations[method.display] = evaluation = evaluate(method, run)
+        entry.update(evaluation.data)
+        entry["eval_time_s"] = time.perf_counter() - start
+    summary: dict[str, Any] = {"methods": results, "interrupted": interrupted}
+    if not interrupted:
+        ranking = sorted(evaluations, key=lambda k: evaluations[k].score, reverse=higher_is_better)
+        summary["ranking"] = ranking
+        _report(out, config, results, evaluations, ranking, columns, title, curve, records)
+    write_json(out / "results.json", summary)
+    print(f"{recipe}: outputs in {out} (results.json, summary.csv, plots; one folder per method)")
+    return summary
+
+
+def _report(
+    out: Path,
+    config: TrainConfig,
+    results: dict[str, Any],
+    evaluations: dict[str, Evaluation],
+    ranking: list[str],
+    columns: Sequence[str],
+    title: str,
+    curve: tuple[str, str] | None,
+    records: dict[str, list[dict[str, Any]]],
+) -> None:
+    rows, csv_rows = [], []
+    for label in ranking:
+        r, ev = results[label], evaluations[label]
+        rows.append(
+            [
+                label,
+                r["inner_steps"],
+                *ev.cells,
+                f"{r['train_time_s']:.0f}",
+                f"{r['step_time_s']:.3g}",
+            ]
+        )
+        csv_rows += [{"method": label, "spec": r["method"], **row} for row in ev.csv_rows]
+    write_csv(out / "summary.csv", csv_rows)
+    table = markdown_table(["method", "inner steps", *columns, "train s", "s / meta-step"], rows)
+    print(
+        f"{title}\n\n{table}\n\nranking (best first): " + " > ".join(ranking),
+        flush=True,
+    )
+    if config.plots and curve is not None:
+        key, label = curve
+        curves: dict[str, Any] = {}
+        for method in ranking:
+            points = [(r["step"], r[key]) for r in records[method] if key in r]
+            if points:
+                curves[method] = ([p[0] for p in points], [p[1] for p in points], None)
+        if curves:
+            name = key.split("/")[-1]
+            plot_curves(
+                out / f"{name}_vs_meta_step.png",
+                curves,
+                xlabel="meta-step",
+                ylabel=label,
+                title=title.split(";")[0],
+            )
