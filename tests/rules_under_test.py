@@ -129,6 +129,9 @@ ROWS: tuple[RuleUnderTest, ...] = (
                   terms=StepTerms(degree=2)),
     RuleUnderTest(tmg.Binomial(2, chunk_size=1), "step_product", "step_product",
                   ALL_FRONT_ENDS, terms=StepTerms(degree=2)),
+    # the automatic order at a tolerance far below the oracle's: the whole product
+    RuleUnderTest(tmg.Binomial("auto", tol=1e-13), "step_product", "step_product",
+                  ALL_FRONT_ENDS, terms=StepTerms(), rtol=1e-9),
     RuleUnderTest(tmg.Exact(), "step_product", "step_product", ALL_FRONT_ENDS,
                   terms=StepTerms(), exact=True),
     # ---- the kept unrolled graph: the exact product, and differentiable again

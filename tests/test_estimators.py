@@ -5,6 +5,7 @@ gradient descent for the inner iterates."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,7 +14,6 @@ import torch
 import torchopt_metagrad as tmg
 from torchopt_metagrad.diagnostics import (
     Comparison,
-    compare,
     compare_to_exact,
     curvature_regime,
     hessian_norm,
@@ -174,10 +174,11 @@ def test_compare_to_exact_closed_forms():
     assert given.rel_error == pytest.approx(first.rel_error, rel=1e-12)
 
 
-def test_compare_of_two_vectors():
-    result = compare(torch.tensor([1.0, 0.0], dtype=DT), torch.tensor([0.0, 1.0], dtype=DT))
+def test_comparison_of_two_vectors():
+    between = Comparison.between
+    result = between(torch.tensor([1.0, 0.0], dtype=DT), torch.tensor([0.0, 1.0], dtype=DT))
     assert result.rel_error == pytest.approx(math.sqrt(2)) and result.cosine == 0.0
-    parallel = compare(torch.tensor([2.0, 2.0], dtype=DT), torch.tensor([1.0, 1.0], dtype=DT))
+    parallel = between(torch.tensor([2.0, 2.0], dtype=DT), torch.tensor([1.0, 1.0], dtype=DT))
     assert parallel == Comparison(1.0, pytest.approx(1.0, abs=1e-15))
 
 
@@ -192,3 +193,168 @@ def test_bad_arguments_are_value_errors(kwargs, message):
         inner_iterates(quad.loss, quad.params, "inner", **{"steps": 2, "lr": 0.1, **kwargs})
     with pytest.raises(ValueError, match="iters must be an int >= 1"):
         hessian_norm(quad.loss, quad.params, "inner", iters=0)
+
+
+# --- tmg.diagnostics.compare: every rule against Exact, with its cost -------------------
+
+
+def _quad_table(**kw):
+    quad = Quadratic([3.0, -5.0, 1.0, 0.5, 2.0])
+    rules = kw.pop("rules", [tmg.FirstOrder(), tmg.Truncated(5), tmg.Binomial(2), tmg.Unrolled()])
+    args = {"steps": 5, "lr": 0.05, "query": "outer", "repeats": 1, "power_iters": 200, **kw}
+    return quad, tmg.diagnostics.compare(quad.loss, quad.params, "inner", rules=rules, **args)
+
+
+def test_compare_closed_forms_on_a_quadratic():
+    quad, table = _quad_table()
+    assert [r.label for r in table.rows] == [
+        "exact", "first_order", "truncated:order=5", "binomial:order=2", "unrolled",
+    ]  # fmt: skip
+    exact = quad.exact_meta_gradient(5, 0.05)
+    outer = quad.gd(5, 0.05)[-1] - quad.target
+    assert table["exact"].rel_error == 0.0 and table["unrolled"].rel_error < 1e-14
+    assert table["truncated:order=5"].rel_error < 1e-14
+    assert table["first_order"].rel_error == pytest.approx(
+        float((outer - exact).norm() / exact.norm()), rel=1e-12
+    )
+    assert table["first_order"].cosine == pytest.approx(
+        float(outer @ exact / (outer.norm() * exact.norm())), rel=1e-12
+    )
+    # products counted by the record: K, 0, L, L (K - L + 1); Unrolled has no record
+    counts = {r.label: r.products for r in table.rows}
+    assert counts == {"exact": 5, "first_order": 0, "truncated:order=5": 5,
+                      "binomial:order=2": 8, "unrolled": None}  # fmt: skip
+    # the regime: A_k = -lr A everywhere, ||A_k|| = lr * 5
+    assert table.step_norms == pytest.approx([0.05 * 5.0] * 5, rel=1e-10)
+    assert table.lr_max_h == pytest.approx(0.25, rel=1e-10)
+    assert table.k_lr_max_h == pytest.approx(1.25, rel=1e-10)
+    for row in table.rows:
+        assert row.time_s > 0 and isinstance(row.peak_live_bytes, int)
+        assert row.peak_live_bytes > 0
+    info = table["binomial:order=2"].info
+    assert isinstance(info, tmg.BinomialInfo) and info.order == 2 and info.dropped > 0
+
+
+def test_compare_prints_a_table_and_gives_a_plain_dict():
+    _, table = _quad_table(rules={"B2": tmg.Binomial(2), "auto": tmg.Binomial("auto")})
+    text = str(table)
+    assert text.splitlines()[0].startswith("K = 5 inner steps; lr * max_k ||H_k|| ~ 0.25")
+    assert "| rule | rel. error | cosine | products | time (ms) |" in text
+    assert "| B2 |" in text and "auto: order" in text and "| exact |" in text
+    plain = table.as_dict()
+    json.dumps(plain)  # plain values only
+    assert list(plain["rules"]) == ["exact", "B2", "auto"]
+    assert plain["K_lr_max_H"] == pytest.approx(1.25, rel=1e-10)
+    assert plain["rules"]["auto"]["info"]["type"] == "BinomialInfo"
+    assert plain["rules"]["auto"]["rel_error"] <= 1e-3
+
+
+def test_compare_without_memory_and_with_exact_given():
+    _, table = _quad_table(rules=[tmg.Binomial(1), tmg.Exact()], memory=False, repeats=2)
+    assert [r.label for r in table.rows] == ["exact", "binomial:order=1"]
+    assert all(r.peak_live_bytes is None for r in table.rows)
+
+
+def test_compare_run_with_the_module_front_end_equals_compare(problem):
+    """compare_run over a MetaSGD inner loop gives the numbers tmg.adapt's compare gives."""
+    torchopt = pytest.importorskip("torchopt")
+    K, lr = 3, 0.1
+    net = problem.net
+    leaves = list(net.parameters())
+    state = torchopt.extract_state_dict(net, by="reference")
+
+    def run(rule):
+        torchopt.recover_state_dict(net, state)
+        opt = tmg.MetaSGD(net, lr=lr, rule=rule)
+        x, y = problem.inner
+        for _ in range(K):
+            opt.step(torch.nn.functional.mse_loss(net(x), y))
+        xq, yq = problem.outer
+        return torch.nn.functional.mse_loss(net(xq), yq)
+
+    rules = [tmg.Binomial(1), tmg.Truncated(1)]
+    module = tmg.diagnostics.compare_run(run, leaves, rules=rules, repeats=1, memory=False)
+    torchopt.recover_state_dict(net, state)
+    functional = tmg.diagnostics.compare(
+        problem.loss, problem.params, problem.inner, query=problem.outer, steps=K, lr=lr,
+        rules=rules, repeats=1, memory=False,
+    )  # fmt: skip
+    assert module.steps == functional.steps == K
+    for a, b in zip(module.rows, functional.rows):
+        assert a.label == b.label and a.products == b.products
+        assert a.rel_error == pytest.approx(b.rel_error, rel=1e-9, abs=1e-14)
+    assert module.step_norms == pytest.approx(functional.step_norms, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [({"rules": []}, ValueError, "rules must name at least one rule"),
+     ({"rules": tmg.Exact()}, TypeError, "rules must be a list of rules or a dict"),
+     ({"rules": ["exact"]}, TypeError, r"rules\[\.\.\.\] must be a meta-gradient rule"),
+     ({"rules": {"": tmg.Exact()}}, ValueError, "rule labels must be non-empty strings"),
+     ({"rules": {"exact": tmg.FirstOrder()}}, ValueError, "the label 'exact' appears twice"),
+     ({"repeats": 0}, ValueError, "repeats must be >= 1"),
+     ({"power_iters": 0}, ValueError, "power_iters must be >= 1"),
+     ({"memory": 1}, TypeError, "memory must be a bool"),
+     ({"steps": 0}, ValueError, "steps must be >= 1"),
+     ({"lr": -1.0}, ValueError, "lr")],
+)  # fmt: skip
+def test_compare_bad_arguments_name_them(kwargs, error, message):
+    quad = Quadratic([1.0, 2.0, 3.0, 4.0, 5.0])
+    args = {"steps": 2, "lr": 0.1, "rules": [tmg.FirstOrder()], "repeats": 1, **kwargs}
+    with pytest.raises(error, match=message):
+        tmg.diagnostics.compare(quad.loss, quad.params, "inner", **args)
+
+
+def test_compare_run_refuses_a_run_that_ignores_the_rule(problem):
+    def run(rule):
+        adapted = tmg.adapt(problem.loss, problem.params, problem.inner, steps=2, lr=0.1,
+                            rule=tmg.Unrolled())  # fmt: skip
+        return problem.loss(adapted, problem.outer)
+
+    with pytest.raises(ValueError, match="ran no inner loop with the rule it was given"):
+        tmg.diagnostics.compare_run(run, problem.params, rules=[tmg.FirstOrder()])
+    with pytest.raises(ValueError, match="params must be a non-empty dict or list of tensors"):
+        tmg.diagnostics.compare_run(run, [], rules=[tmg.FirstOrder()])
+    with pytest.raises(TypeError, match="run must be callable"):
+        tmg.diagnostics.compare_run(None, problem.params, rules=[tmg.FirstOrder()])
+
+
+def test_step_norms_are_batched_power_iteration(problem):
+    """One apply_many sweep per iteration; the same norms as hessian_norm at each iterate."""
+    steps, lr = 3, 0.3
+    with tmg.diagnostics.collect() as reports:
+        gen = torch.Generator().manual_seed(0)
+        _, norms = curvature_regime(problem.loss, problem.params, problem.inner, steps=steps,
+                                    lr=lr, iters=400, generator=gen)  # fmt: skip
+    assert reports == []  # diagnostics only: no meta-gradient was computed
+    for phi, norm in zip(inner_iterates(problem.loss, problem.params, problem.inner,
+                                        steps=steps, lr=lr), norms):  # fmt: skip
+        expected, _ = explicit_hessian_norm(problem.loss, phi, problem.inner)
+        assert norm == pytest.approx(expected, rel=1e-6)
+
+
+def test_compare_run_over_tasks_under_vmap(problem):
+    """A run that maps tmg.adapt over tasks with torch.func.vmap: one report per backward,
+    the step norms the largest over the tasks."""
+    x = torch.stack([problem.inner[0], problem.outer[0]])
+    y = torch.stack([problem.inner[1], problem.outer[1]])
+
+    def task(rule, xs, ys):
+        adapted = tmg.adapt(problem.loss, problem.params, (xs, ys), steps=3, lr=0.1, rule=rule)
+        return problem.loss(adapted, problem.outer)
+
+    def together(rule):
+        return torch.func.vmap(lambda a, b: task(rule, a, b))(x, y).sum()
+
+    def apart(rule):
+        return task(rule, x[0], y[0]) + task(rule, x[1], y[1])
+
+    rules = [tmg.Binomial(1), tmg.FirstOrder()]
+    kw = {"rules": rules, "repeats": 1, "memory": False, "power_iters": 100}
+    a = tmg.diagnostics.compare_run(together, problem.params, **kw)
+    b = tmg.diagnostics.compare_run(apart, problem.params, **kw)
+    for ra, rb in zip(a.rows, b.rows):
+        assert ra.rel_error == pytest.approx(rb.rel_error, rel=1e-9, abs=1e-14)
+        assert ra.products == rb.products
+    assert a.step_norms == pytest.approx(b.step_norms, rel=1e-6)

@@ -64,6 +64,10 @@ EXAMPLES = [
     ("binomial: order = 1 , vectorize=False", tmg.Binomial(1, vectorize=False)),
     ("binomial:order=3,chunk_size=4", tmg.Binomial(3, chunk_size=4)),
     ("binomial:order=3,chunk-size=none", tmg.Binomial(3)),
+    ("binomial:order=2,check=false", tmg.Binomial(2, check=False)),
+    ("binomial:order=auto", tmg.Binomial("auto")),
+    ("binomial:order=auto,tol=1e-4,max_order=3,chunk_size=2",
+     tmg.Binomial("auto", tol=1e-4, max_order=3, chunk_size=2)),
     ("implicit_cg:reg=1,maxiter=5", tmg.ImplicitCG(1.0, maxiter=5)),
     ("implicit_cg:reg=0.5,tol=1e-10", tmg.ImplicitCG(0.5, tol=1e-10)),
     ("adjoint", tmg.Adjoint()),
@@ -99,6 +103,8 @@ def _variants(cls: type[tmg.AbstractRule]) -> list[dict[str, Any]]:
             return 3
         if tp == float | None:
             return 0.125
+        if tp == int | Literal["auto"]:  # Binomial's order: a fixed one
+            return 1
         return None
 
     required = {
@@ -155,7 +161,14 @@ def test_floats_are_written_short_and_exact(reg):
 
 
 def test_rule_knobs_are_the_dataclass_fields_with_their_types():
-    assert tmg.rule_knobs("binomial") == {"order": int, "chunk_size": int | None, "vectorize": bool}
+    assert tmg.rule_knobs("binomial") == {
+        "order": int | Literal["auto"],
+        "chunk_size": int | None,
+        "vectorize": bool,
+        "check": bool,
+        "tol": float,
+        "max_order": int,
+    }
     assert tmg.rule_knobs(tmg.ImplicitCG) == {"reg": float, "maxiter": int, "tol": float}
     assert tmg.rule_knobs("exact") == {"snapshots": int | None}
     assert tmg.rule_knobs("first_order") == {}
@@ -199,8 +212,12 @@ ERRORS = [
     ("Binomial:order=1", r"unknown rule 'Binomial'; available: "),
     ("binomial:oder=2", r"rule 'binomial' has no knob 'oder'; knobs: order, chunk_size, vectorize"),
     ("binomial:2", r"rule 'binomial': expected knob=value, got '2'; knobs: order, chunk_size"),
-    ("binomial:order=two", r"rule 'binomial', knob 'order': expected int, got 'two'"),
-    ("binomial:order=1.5", r"rule 'binomial', knob 'order': expected int, got '1.5'"),
+    ("binomial:order=two", r"rule 'binomial', knob 'order': expected int \| 'auto', got 'two'"),
+    ("binomial:order=1.5", r"rule 'binomial', knob 'order': expected int \| 'auto', got '1.5'"),
+    ("binomial:order=2,tol=1e-4", r"rule 'binomial': tol applies to order='auto' only"),
+    ("binomial:order=auto,check=false", r"rule 'binomial': check=False applies to a fixed"),
+    ("binomial:order=auto,tol=2", r"rule 'binomial': tol must be in \(0, 1\), got 2"),
+    ("binomial:order=auto,max_order=0", r"rule 'binomial': max_order must be >= 1, got 0"),
     ("binomial:order=1,vectorize=maybe", r"knob 'vectorize': expected bool, got 'maybe'"),
     ("binomial:order=1,chunk_size=x", r"knob 'chunk_size': expected int \| none, got 'x'"),
     ("binomial:order=1,order=2", r"rule 'binomial': knob 'order' given twice"),

@@ -14,6 +14,7 @@ from torchopt_metagrad._core.ode import ODE
 from torchopt_metagrad.errors import (
     NonFiniteError,
     ODESolveError,
+    RegimeWarning,
     SolverWarning,
     VectorizationFallbackWarning,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "MetaSGD",
     "NonFiniteError",
     "ODESolveError",
+    "RegimeWarning",
     "SolverWarning",
     "VectorizationFallbackWarning",
     "adapt",

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteError", "ODESolveError", "SolverWarning", "VectorizationFallbackWarning"]
+__all__ = [
+    "NonFiniteError",
+    "ODESolveError",
+    "RegimeWarning",
+    "SolverWarning",
+    "VectorizationFallbackWarning",
+]
 
 
 class NonFiniteError(FloatingPointError):
@@ -25,6 +31,17 @@ class VectorizationFallbackWarning(UserWarning):
 
 class SolverWarning(UserWarning):
     """An iterative solve inside a rule stopped before reaching its tolerance."""
+
+
+class RegimeWarning(UserWarning):
+    """A truncated expansion of the meta-gradient is unreliable at this curvature.
+
+    ``Binomial(L)`` emits it when its own Hessian-vector products estimate that the terms
+    it drops are not small next to its estimate (the number is in the message and in
+    ``tmg.BinomialInfo.dropped``); ``Binomial("auto")`` when its series did not converge
+    by ``max_order`` and it returned the exact product instead. Shown once per call site (the
+    line of user code that ran the backward); ``check=False`` switches the check off.
+    """
 
 
 class ODESolveError(RuntimeError):

@@ -47,7 +47,8 @@ class TaskRecord:
 
     Vectors carry the task dimension: ``g`` is ``(size, state_dim)``, ``apply_many``'s
     vectors ``(n, size, state_dim)``. Only step products are available (the step-product
-    rules); no meta-parameters.
+    rules); no meta-parameters. ``products`` counts every task's products (``n * size``
+    per ``apply_many`` call), as :class:`~torchopt_metagrad._core.record.Record` does.
     """
 
     meta = Meta()
@@ -74,6 +75,7 @@ class TaskRecord:
         self.states, self.auxs, self.batches = states, auxs, batches
         self.final, self.theta_dims = final, tuple(theta_dims)
         self.size = final.shape[0]
+        self.products = 0
 
     # -- what the node uses -----------------------------------------------------------
     def outputs(self) -> tuple[Tensor, ...]:
@@ -137,6 +139,7 @@ class TaskRecord:
         if start < self.first or start + n > self.steps:
             raise IndexError(f"steps {start}..{start + n - 1} were not stored")
         rows = range(start - self.first, start - self.first + n)
+        self.products += n * self.size
         one = vjp_function(lambda p, b: self.fn(p, b, ()), self.step_map.delta, self.param_dim)
         task_dims = self.batches[rows[0]].dims
         per_task = _vmap(one, (0, 0, task_dims, 0))

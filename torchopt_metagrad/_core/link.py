@@ -47,12 +47,15 @@ class RuleReport:
         front_end: where the inner loop ran (``"tmg.adapt"``, ``"MetaSGD"``, ...).
         steps: number of inner steps differentiated.
         info: the rule's diagnostics (e.g. ``tmg.CGInfo``), ``None`` if it has none.
+        products: the Jacobian-/Hessian-vector products this backward computed (``A_k v``,
+            ``H v``, meta-parameter pullbacks; a batched call of ``n`` rows counts ``n``).
     """
 
     rule: Any
     front_end: str
     steps: int
     info: Any
+    products: int = 0
 
 
 _collectors: list[list[RuleReport]] = []
@@ -211,6 +214,7 @@ def run_rule(
             f"after {record.steps} inner step(s) ({owner}) is not finite"
         ),
     )
+    before = record.products
     result = rule.meta_gradient(record, g)
     info, meta = None, None
     if isinstance(result, Estimate):
@@ -224,7 +228,7 @@ def run_rule(
             "does not support tensors besides the adapted params (a learned lr, fixed or "
             "closed-over tensors that require grad). Use a built-in rule, or detach them"
         )
-    _publish(RuleReport(rule, owner, record.steps, info))
+    _publish(RuleReport(rule, owner, record.steps, info, record.products - before))
     theta_grad = out[..., : spec.numel]
     ensure_finite(theta_grad, lambda: f"in {type(rule).__name__}'s result ({owner})")
     if meta is None:

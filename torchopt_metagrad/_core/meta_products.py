@@ -26,6 +26,7 @@ class MetaProducts:
     spec: Any
     chain: Any
     steps: int
+    products: int
 
     if TYPE_CHECKING:  # provided by Record
 
@@ -56,6 +57,7 @@ class MetaProducts:
         self, k: int, v: Tensor, *, want_state: bool = True
     ) -> tuple[Tensor | None, Tensor]:
         entry, step_map = self._entry(k), self._step_map()
+        self.products += 1
         if not hasattr(entry, "loss"):  # a kept step
             w_step, _ = self.meta.copies()
             with torch.enable_grad():
@@ -104,6 +106,7 @@ class MetaProducts:
                     self.meta,
                     chunk_size=chunk_size,
                 )
+                self.products += n
                 return self._flat_meta(grads)
             except (RuntimeError, NotImplementedError, ValueError) as err:
                 _vmap_failed(err)
@@ -117,6 +120,7 @@ class MetaProducts:
         return self.mixed_at(params, v, k=min(k, max(self.steps - 1, 0)))
 
     def mixed_at(self, params: Tensor, v: Tensor, *, k: int = 0) -> Tensor:
+        self.products += 1
         _, grads = engine.pullback(
             self._loss(k),
             lambda z, g, w: g,

@@ -87,6 +87,7 @@ class Record(MetaProducts):
             closed-over leaves); the rules differentiate them too.
         chain: the inner loop whose successive records share kept graphs (the module
             front end), else ``None``; see :meth:`blocked`.
+        products: the step/Hessian-vector products asked of it so far (``RuleReport``).
     """
 
     spec: FlatSpec
@@ -103,6 +104,7 @@ class Record(MetaProducts):
     meta: Meta = dataclasses.field(default_factory=Meta)
     chain: object | None = None
     _segment: dict[int, Tensor] = dataclasses.field(default_factory=dict, repr=False)
+    products: int = 0
 
     @classmethod
     def of_states(
@@ -246,6 +248,7 @@ class Record(MetaProducts):
 
     def apply(self, k: int, v: Tensor) -> Tensor:
         entry, step_map = self._entry(k), self._step_map()
+        self.products += 1
         if isinstance(entry, Kept):
             with torch.enable_grad():
                 z = self.spec.flatten(entry.params)
@@ -272,6 +275,7 @@ class Record(MetaProducts):
         if vectorize and n > 1:
             batched = self._batched(entries, vectors, chunk_size)
             if batched is not None:
+                self.products += n
                 return batched
         return torch.stack([self.apply(start + r, vectors[r]) for r in range(n)])
 
@@ -336,11 +340,13 @@ class Record(MetaProducts):
         if k < self.steps:
             entry = self._entry(k)
             if isinstance(entry, Kept):
+                self.products += 1
                 return pull(entry.grads, entry.params, self.spec.split(v))
         params = self.snapshot(k)[: self.param_dim]
         return self.hvp_at(params, v, k=min(k, max(self.steps - 1, 0)))
 
     def hvp_at(self, params: Tensor, v: Tensor, *, k: int = 0) -> Tensor:
+        self.products += 1
         return engine.hvp(_constant(self._loss(k)), params, v)
 
     def vector_field(self, params: Tensor, *, create_graph: bool = False) -> Tensor:

@@ -2,8 +2,11 @@ r"""Measuring a rule as an estimator: its meta-gradient, its error, and the curv
 
 * :func:`meta_gradient`: the flat meta-gradient a rule gives for one task, through
   ``tmg.adapt`` and ``torch.autograd.grad`` (exactly what a user's backward gets).
-* :func:`compare_to_exact`: its relative error and cosine against ``tmg.Exact()``.
-* :func:`hessian_norm`, :func:`curvature_regime`, :func:`inner_iterates`: the regime.
+* :func:`compare_to_exact`: its relative error and cosine against ``tmg.Exact()``
+  (:meth:`Comparison.between` for two vectors; ``tmg.diagnostics.compare`` for a table of
+  rules with their cost).
+* :func:`hessian_norm`, :func:`curvature_regime`, :func:`inner_iterates`,
+  :func:`step_norms`: the regime.
   The truncated expansions drop terms of size about
   :math:`(K\,\mathrm{lr}\,\|H\|)^{L+1} / (L+1)!`, so :math:`K\,\mathrm{lr}\max_k\|H_k\|`
   says whether low orders can be accurate. These are diagnostics, not meta-gradients.
@@ -18,29 +21,31 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from torchopt_metagrad._core.checks import check_params
+from torchopt_metagrad._core.checks import check_int, check_params
 from torchopt_metagrad._core.needs import Needs
+from torchopt_metagrad._core.protocol import RecordProtocol
+from torchopt_metagrad._core.record import Record
 from torchopt_metagrad._core.steps import step_map_factory
 from torchopt_metagrad.functional import adapt, run_loop
 from torchopt_metagrad.rules import AbstractRule, Exact
 
 __all__ = [
     "Comparison",
-    "compare",
     "compare_to_exact",
     "curvature_regime",
     "hessian_norm",
     "inner_iterates",
     "meta_gradient",
+    "step_norms",
 ]
 
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
 
 
-def _record_iterates(
+def _record(
     loss_fn: LossFn, params: Mapping[str, Tensor], batch: Any, steps: int, lr: float
-) -> list[dict[str, Tensor]]:
-    r"""The iterates :math:`\phi_0 = \theta, \dots, \phi_K` of one gradient-descent run, detached.
+) -> tuple[Any, Record]:
+    r"""One gradient-descent run recorded: the flat layout and the record of every state.
 
     :math:`\phi_{k+1} = \phi_k - \mathrm{lr}\,\nabla\ell(\phi_k)` with ``loss_fn(phi, batch)``
     as :math:`\ell`: the library's one inner loop (that of ``tmg.adapt``), recording every
@@ -58,11 +63,7 @@ def _record_iterates(
         [batch] * steps,
         needs=lambda n, meta: Needs(snapshots_from=0),
     )
-    record = loop.record()
-    return [
-        {k: v.detach() for k, v in spec.unflatten(record.snapshot(k)).items()}
-        for k in range(steps + 1)
-    ]
+    return spec, loop.record()
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,13 @@ class Comparison:
 
     rel_error: float
     cosine: float
+
+    @classmethod
+    def between(cls, estimate: Tensor, reference: Tensor) -> Comparison:
+        """Relative error and cosine of two flat vectors (computed in their dtype)."""
+        rel = float((estimate - reference).norm() / reference.norm())
+        cos = float(torch.nn.functional.cosine_similarity(estimate, reference, dim=0))
+        return cls(rel_error=rel, cosine=cos)
 
 
 def _check_inner(steps: Any, lr: Any) -> None:
@@ -118,13 +126,6 @@ def meta_gradient(
     return torch.cat([g.reshape(-1) for g in grads])
 
 
-def compare(estimate: Tensor, reference: Tensor) -> Comparison:
-    """Relative error and cosine similarity of two flat vectors (computed in their dtype)."""
-    rel = float((estimate - reference).norm() / reference.norm())
-    cos = float(torch.nn.functional.cosine_similarity(estimate, reference, dim=0))
-    return Comparison(rel_error=rel, cosine=cos)
-
-
 def compare_to_exact(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
@@ -148,7 +149,7 @@ def compare_to_exact(
     if exact is None:
         exact = meta_gradient(loss_fn, params, task, steps=steps, lr=lr, rule=Exact())
     estimate = meta_gradient(loss_fn, params, task, steps=steps, lr=lr, rule=rule)
-    return compare(estimate, exact)
+    return Comparison.between(estimate, exact)
 
 
 def inner_iterates(
@@ -161,7 +162,10 @@ def inner_iterates(
     (``steps`` gradient evaluations).
     """
     _check_inner(steps, lr)
-    return _record_iterates(loss_fn, params, batch, steps, lr)[:steps]
+    spec, record = _record(loss_fn, params, batch, steps, lr)
+    return [
+        {k: v.detach() for k, v in spec.unflatten(record.snapshot(k)).items()} for k in range(steps)
+    ]
 
 
 def hessian_norm(
@@ -201,6 +205,35 @@ def hessian_norm(
     return value
 
 
+def step_norms(
+    record: RecordProtocol,
+    *,
+    iters: int = 20,
+    generator: torch.Generator | None = None,
+) -> list[float]:
+    r"""Power-iteration estimates of :math:`\|A_k\|` at every recorded step, batched.
+
+    :math:`A_k = J_k^\top - I` (:math:`-\mathrm{lr}\,H_k` for gradient descent, whose
+    norm is :math:`\mathrm{lr}\,\|H_k\|`; for other step maps the magnitude of the
+    dominant eigenvalue). Row ``k`` of ``V`` (random unit rows drawn with ``generator`` on
+    the CPU) is replaced by :math:`A_k v_k / \|A_k v_k\|` ``iters`` times; each sweep is
+    one ``record.apply_many`` call (K products batched with ``vmap``), so the cost is
+    ``K * iters`` products in ``iters`` serial calls. Converges from below. Tasks run
+    together under ``vmap``: each step's largest estimate over the tasks.
+    """
+    check_int(iters, "iters", minimum=1)
+    K = record.num_steps
+    ref = record.snapshot(K)  # the final state: always stored; (tasks, n) under vmap
+    v = torch.randn(K, *ref.shape, generator=generator, dtype=ref.dtype).to(ref.device)
+    v = v / v.norm(dim=-1, keepdim=True)
+    norms = v.new_zeros(v.shape[:-1])
+    for _ in range(iters):
+        w = record.apply_many(0, v)
+        norms = w.norm(dim=-1)
+        v = torch.where(norms[..., None] > 0, w / norms.clamp_min(1e-300)[..., None], 0.0)
+    return norms.reshape(K, -1).amax(1).tolist()  # the largest over tasks
+
+
 def curvature_regime(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
@@ -214,16 +247,16 @@ def curvature_regime(
     r""":math:`K\,\mathrm{lr}\max_k \|H_k\|` over the inner iterates of one task, and the norms.
 
     :math:`H_k` is the Hessian at :math:`\phi_k`, :math:`k < K` (:func:`inner_iterates`),
-    its norm by :func:`hessian_norm` (``iters`` power iterations each, one
-    ``generator`` drawn from in order). ``Binomial(L)`` drops terms of relative size
-    about :math:`(K\,\mathrm{lr}\,\|H\|)^{L+1} / (L+1)!`. Cost: K gradients and
-    K * ``iters`` Hessian-vector products.
+    its norm by power iteration (:func:`step_norms`: ``iters`` sweeps, each one batched
+    call of K Hessian-vector products, starting vectors drawn from ``generator``).
+    ``Binomial(L)`` drops terms of relative size about
+    :math:`(K\,\mathrm{lr}\,\|H\|)^{L+1} / (L+1)!`. Cost: K gradients and
+    K * ``iters`` Hessian-vector products in ``iters`` serial batched calls.
 
     Returns:
         ``(K * lr * max_k ||H_k||, [||H_0||, ..., ||H_{K-1}||])``.
     """
-    norms = [
-        hessian_norm(loss_fn, phi, batch, iters=iters, generator=generator)
-        for phi in inner_iterates(loss_fn, params, batch, steps=steps, lr=lr)
-    ]
+    _check_inner(steps, lr)
+    _, record = _record(loss_fn, params, batch, steps, lr)
+    norms = [n / lr for n in step_norms(record, iters=iters, generator=generator)]
     return steps * lr * max(norms), norms

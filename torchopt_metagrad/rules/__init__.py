@@ -17,7 +17,7 @@ from torchopt_metagrad.rules.base import (
     register,
     rule_class,
 )
-from torchopt_metagrad.rules.binomial import Binomial
+from torchopt_metagrad.rules.binomial import Binomial, BinomialInfo
 from torchopt_metagrad.rules.first_order import FirstOrder
 from torchopt_metagrad.rules.implicit import CGInfo, ImplicitCG
 from torchopt_metagrad.rules.neumann import ImplicitNeumann, NeumannInfo
@@ -29,6 +29,7 @@ __all__ = [
     "Adjoint",
     "AdjointInfo",
     "Binomial",
+    "BinomialInfo",
     "CGInfo",
     "Exact",
     "FirstOrder",

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field, fields
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from torchopt_metagrad._core.callsite import warn_at_call_site
+from torchopt_metagrad._core.checks import check_int, check_positive
+from torchopt_metagrad.errors import RegimeWarning
 from torchopt_metagrad.rules.base import (
     Estimate,
     RecordProtocol,
     StepProductRule,
     check_order,
-    ensure_finite,
     register,
 )
+from torchopt_metagrad.rules.binomial_series import (
+    REGIME_THRESHOLD,
+    BinomialInfo,
+    auto_stages,
+    fixed_stages,
+    regime,
+)
+from torchopt_metagrad.rules.truncated import backward_product
 
-__all__ = ["Binomial"]
+__all__ = ["Binomial", "BinomialInfo"]
 
 
 @register("binomial")
@@ -59,69 +69,184 @@ class Binomial(StepProductRule):
     ``lr`` per Hessian); the public BinomMAML code scales the Hessian terms by
     ``lr * L / K`` instead, which is a different estimator.
 
+    Regime check (``check=True``, fixed order): from the norms of the products it computes
+    anyway (:math:`\|w_i\| / \|s\|`, a lower estimate of :math:`\mathrm{lr}\,\|H_i\|`)
+    it estimates the part it drops relative to the estimate (``BinomialInfo.dropped``;
+    ``tmg.rules.binomial_series``) and emits one :class:`~torchopt_metagrad.RegimeWarning`
+    per call site when it exceeds ``REGIME_THRESHOLD`` (0.15). Cost: no extra product; two
+    norms per product row and one transfer of K numbers to the host per backward
+    (``benchmarks/bench_regime.py``).
+
+    ``order="auto"``: stages over the full ranges :math:`j \in [0, K-m]` (``K-m+1``
+    products at stage ``m``, so :math:`s_m^{(0)}` exists at every stage whatever the final
+    order), stopping at the first order whose stage changes the estimate by at most
+    ``tol`` of its norm; the adjoints for meta-parameters are those of the order chosen.
+    Cost: :math:`L K - L(L-1)/2` products in ``L`` serial batched calls for the order
+    ``L`` it stops at, i.e. :math:`L(L-1)/2` more than ``Binomial(L)`` (which cannot know
+    ``L`` beforehand). When stage ``min(max_order, K)`` has not reached ``tol`` (or
+    earlier, when a stage's contribution is ``>= 1`` and larger than the previous one's:
+    the terms still grow) it
+    finishes the exact product from the exact adjoint :math:`v_{K-\mathrm{max\_order}}`
+    that the stages already hold (``K - max_order`` more serial products), returns it and
+    warns (``RegimeWarning``). The order used is reported in :class:`BinomialInfo`
+    (``tmg.diagnostics.collect()``).
+
     Reference: "Binomial Gradient-Based Meta-Learning for Enhanced Meta-Gradient
     Estimation", ICLR 2026.
 
     Args:
-        order: the truncation degree ``L`` (0..steps).
+        order: the truncation degree ``L`` (0..steps), or ``"auto"``.
         chunk_size: evaluate at most this many of a stage's HVPs at once (bounds
             memory); ``None`` evaluates the whole stage in one call.
         vectorize: ``False`` evaluates a stage's HVPs one by one in a Python loop
             (same result; for comparisons and for models ``vmap`` cannot handle).
+        check: a fixed order checks its regime and warns when the expansion looks
+            unreliable; ``False`` skips the check (``order="auto"`` always tests its
+            series and takes no ``check``).
+        tol: ``order="auto"``: stop at the first order whose stage's contribution is at
+            most ``tol`` times the estimate's norm (0 < tol < 1).
+        max_order: ``order="auto"``: the highest order tried (clipped to ``steps``)
+            before falling back to the exact product.
     """
 
-    order: int
+    order: int | Literal["auto"]
     chunk_size: int | None = None
     vectorize: bool = True
+    check: bool = field(default=True, kw_only=True)
+    tol: float = field(default=1e-3, kw_only=True)
+    max_order: int = field(default=6, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_order(self, self.order)
+        if isinstance(self.order, str):
+            if self.order != "auto":
+                raise ValueError(f"order must be an int >= 0 or 'auto', got {self.order!r}")
+        else:
+            check_order(self, self.order)
         if self.chunk_size is not None and (
             isinstance(self.chunk_size, bool)
             or not isinstance(self.chunk_size, int)
             or self.chunk_size < 1
         ):
             raise ValueError(f"chunk_size must be None or an int >= 1, got {self.chunk_size!r}")
-        if not isinstance(self.vectorize, bool):
-            raise TypeError(f"vectorize must be a bool, got {self.vectorize!r}")
+        for name in ("vectorize", "check"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if check_positive(self.tol, "tol") >= 1:
+            raise ValueError(f"tol must be in (0, 1), got {self.tol}")
+        check_int(self.max_order, "max_order", minimum=1)
+        if self.auto:
+            if not self.check:
+                raise ValueError(
+                    "check=False applies to a fixed order; order='auto' always tests its "
+                    "series (tol, max_order)"
+                )
+        else:
+            defaults = {f.name: f.default for f in fields(self)}
+            changed = [n for n in ("tol", "max_order") if getattr(self, n) != defaults[n]]
+            if changed:
+                verb = "applies" if len(changed) == 1 else "apply"
+                raise ValueError(
+                    f"{' and '.join(changed)} {verb} to order='auto' only, got order="
+                    f"{self.order!r} with {', '.join(f'{n}={getattr(self, n)!r}' for n in changed)}"
+                )
+
+    @property
+    def auto(self) -> bool:
+        """Whether the order is chosen per meta-gradient (``order="auto"``)."""
+        return isinstance(self.order, str)
 
     def validate(self, steps: int) -> None:
-        check_order(self, self.order, steps)
+        if not self.auto:
+            check_order(self, self.order, steps)
 
     def first_step(self, steps: int) -> int:
-        return 0 if self.order > 0 else steps
+        return 0 if isinstance(self.order, str) or self.order > 0 else steps
 
     def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor | Estimate:
-        K, L = record.num_steps, self.order
+        if self.auto:
+            return self._auto(record, g)
+        K, L = record.num_steps, int(self.order)
         if L == 0:
             if not record.meta_dim:
                 return g
             return Estimate(g, meta=self._meta(record, g.expand(K, *g.shape)))
-        # prev[r] = s_{m-1}^{(j)} for j = L - m + 1 + r; at m = 1 that is j in [L, K].
-        prev = g.expand(K - L + 1, *g.shape)
-        exact = [g]  # s_m^{(K-m)} = v_{K-m} exactly (all m steps' terms), m = 0..L-1
-        for m in range(1, L + 1):
-            lo = L - m  # this stage's products are w_i, i in [L - m, K - m]
-            w = record.apply_many(lo, prev, chunk_size=self.chunk_size, vectorize=self.vectorize)
-            ensure_finite(w, partial(_where, w, m, lo))
-            # s_m^{(j)} = s_{m-1}^{(K-m+1)} + sum_{i=j}^{K-m} w_i  for j in [L - m, K - m]
-            prev = prev[-1] + w.flip(0).cumsum(0).flip(0)
-            if m < L:
-                exact.append(prev[-1])
+        s, exact, rho = fixed_stages(
+            record, g, L, chunk_size=self.chunk_size, vectorize=self.vectorize, check=self.check
+        )
+        info = BinomialInfo(order=L)
+        if rho is not None:
+            dropped, step_norms = regime(rho, L, g, s[0])
+            reliable = dropped <= REGIME_THRESHOLD
+            info = BinomialInfo(L, dropped=dropped, reliable=reliable, step_norms=tuple(step_norms))
+            if not reliable:
+                warn_at_call_site(self._regime_message(dropped, step_norms, K), RegimeWarning)
         if not record.meta_dim:
-            return prev[0]
-        # v_hat_j = s_L^{(j)}: prev[j] for j in [1, K - L], then v_{K-L+1..K} exactly.
-        adjoints = torch.cat([prev[1:], torch.stack(exact[::-1])])
-        return Estimate(prev[0], meta=self._meta(record, adjoints))
+            return Estimate(s[0], info)
+        # v_hat_j = s_L^{(j)}: s[j] for j in [1, K - L], then v_{K-L+1..K} exactly.
+        adjoints = torch.cat([s[1:], torch.stack(exact[::-1])])
+        return Estimate(s[0], info, self._meta(record, adjoints))
+
+    def _auto(self, record: RecordProtocol, g: Tensor) -> Estimate:
+        K = record.num_steps
+        run = auto_stages(
+            record,
+            g,
+            tol=self.tol,
+            max_order=self.max_order,
+            chunk_size=self.chunk_size,
+            vectorize=self.vectorize,
+        )
+        L = run.order
+        if run.converged:
+            info = BinomialInfo(L, auto=True, contribution=run.contribution, reliable=True, tried=L)
+            if not record.meta_dim:
+                return Estimate(run.s[0], info)
+            adjoints = torch.cat([run.s[1:], torch.stack(run.exact[::-1])])
+            return Estimate(run.s[0], info, self._meta(record, adjoints))
+        why = "its terms still grow at order" if run.growing else "it did not reach tol by order"
+        warn_at_call_site(
+            f"Binomial(order='auto', tol={self.tol:g}): {why} {L} (that stage changed the "
+            f"estimate by {run.contribution:.3g} of its norm), so it returned the exact "
+            f"product (tmg.Exact()'s value, {K - L} more serial products). At this curvature "
+            "use tmg.Exact() (cheaper), or raise max_order",
+            RegimeWarning,
+        )
+        # run.exact[m] = v_{K-m} exactly, m = 0..L: finish the product from v_{K-L}.
+        tail = torch.stack(run.exact[L - 1 :: -1]) if record.meta_dim else None
+        out = backward_product(
+            record,
+            run.exact[L],
+            0,
+            K - L,
+            tail=tail,
+            chunk_size=self.chunk_size,
+            vectorize=self.vectorize,
+        )
+        info = BinomialInfo(
+            K,
+            auto=True,
+            contribution=run.contribution,
+            reliable=False,
+            fell_back=True,
+            tried=L,
+        )
+        if isinstance(out, Estimate):
+            return Estimate(out.value, info, out.meta)
+        return Estimate(out, info)
+
+    def _regime_message(self, dropped: float, rho: list[float], steps: int) -> str:
+        L, top = int(self.order), max(range(len(rho)), key=rho.__getitem__)
+        return (
+            f"Binomial({L}): the truncated expansion looks unreliable at this curvature: the "
+            f"terms it drops are estimated at {dropped:.3g} times the norm of its estimate "
+            f"(threshold {REGIME_THRESHOLD:g}; from its own products, ||A_k|| = lr*||H_k|| >= "
+            f"{rho[top]:.3g} at inner step {top}, K={steps} steps). Use a larger order or "
+            f"tmg.Binomial('auto'), tmg.Truncated(L), or tmg.Exact(); "
+            f"tmg.Binomial({L}, check=False) turns this check off"
+        )
 
     def _meta(self, record: RecordProtocol, adjoints: Tensor) -> Tensor:
         """``sum_k B_k^T adjoints[k]`` (``adjoints[k]`` estimates ``v_{k+1}``)."""
         return record.meta_pullback_many(
             0, adjoints, chunk_size=self.chunk_size, vectorize=self.vectorize
         )
-
-
-def _where(w: Tensor, m: int, lo: int) -> str:
-    bad = (~w.isfinite()).flatten(1).any(1).nonzero().flatten().tolist()
-    steps = ", ".join(str(lo + r) for r in bad)
-    return f"in stage {m} at the Hessian-vector product(s) of inner step(s) {steps}"

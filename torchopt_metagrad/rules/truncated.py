@@ -22,16 +22,28 @@ from torchopt_metagrad.rules.base import (
 __all__ = ["Exact", "Truncated"]
 
 
-def _backward_product(record: RecordProtocol, g: Tensor, first: int) -> Tensor | Estimate:
-    """``(I + A_first) ... (I + A_{K-1}) g``, last factor first, one product at a time.
+def backward_product(
+    record: RecordProtocol,
+    v: Tensor,
+    first: int,
+    last: int | None = None,
+    *,
+    tail: Tensor | None = None,
+    chunk_size: int | None = None,
+    vectorize: bool = True,
+) -> Tensor | Estimate:
+    """``(I + A_first) ... (I + A_{last-1}) v``, last factor first, one product at a time.
 
-    With meta-parameters, the same VJPs give ``B_k^T v_{k+1}`` for ``k >= first``; the
-    steps before ``first`` (whose factors are taken as the identity) add
-    ``B_k^T v_first``, also one VJP graph alive at a time.
+    ``v`` is the adjoint at state ``last`` (default ``K``: ``v = g``). With
+    meta-parameters, the same VJPs give ``B_k^T v_{k+1}`` for ``first <= k < last``;
+    ``tail`` (rows: the adjoints ``v_{k+1}`` of steps ``k = last..K-1``, already known)
+    adds ``B_k^T v_{k+1}`` for those steps in one batched call; the steps before
+    ``first`` (whose factors are taken as the identity) add ``B_k^T v_first``, one VJP
+    graph alive at a time.
     """
-    v = g
+    last = record.num_steps if last is None else last
     meta = None
-    for k in reversed(range(first, record.num_steps)):
+    for k in reversed(range(first, last)):
         if record.meta_dim:
             a, b = record.pullback(k, v)
             meta = b if meta is None else meta + b
@@ -41,6 +53,9 @@ def _backward_product(record: RecordProtocol, g: Tensor, first: int) -> Tensor |
         ensure_finite(v, partial(_where, k, first, record.num_steps))
     if not record.meta_dim:
         return v
+    if tail is not None and tail.shape[0] > 0:
+        late = record.meta_pullback_many(last, tail, chunk_size=chunk_size, vectorize=vectorize)
+        meta = late if meta is None else meta + late
     if first > 0:
         early = record.meta_pullback_many(0, v.expand(first, *v.shape), vectorize=False)
         meta = early if meta is None else meta + early
@@ -83,7 +98,7 @@ class Truncated(StepProductRule):
         return max(steps - self.order, 0)
 
     def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor | Estimate:
-        return _backward_product(record, g, record.num_steps - self.order)
+        return backward_product(record, g, record.num_steps - self.order)
 
 
 @register("exact")
@@ -124,4 +139,4 @@ class Exact(StepProductRule):
         return dataclasses.replace(needs, checkpoints=self.snapshots)
 
     def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Tensor | Estimate:
-        return _backward_product(record, g, 0)
+        return backward_product(record, g, 0)
