@@ -31,15 +31,24 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-def conv4(n_way: int = 5, in_channels: int = 1, hidden: int = 64) -> nn.Sequential:
-    """The 4-conv few-shot net for 28x28 inputs (seed torch first for its initialization)."""
+def conv4(
+    n_way: int = 5, in_channels: int = 1, hidden: int = 64, image_size: int = 28
+) -> nn.Sequential:
+    """The 4-conv few-shot net (seed torch first for its initialization).
+
+    Four poolings take ``image_size`` to ``image_size // 16`` (28 -> 1, 84 -> 5), so the
+    head is ``Linear(hidden * (image_size // 16) ** 2, n_way)``.
+    """
+    side = image_size // 16
+    if side < 1:
+        raise ValueError(f"conv4 needs images of at least 16x16, got {image_size}")
     return nn.Sequential(
         _conv_block(in_channels, hidden),
         _conv_block(hidden, hidden),
         _conv_block(hidden, hidden),
         _conv_block(hidden, hidden),
         nn.Flatten(),
-        nn.Linear(hidden, n_way),
+        nn.Linear(hidden * side * side, n_way),
     )
 
 

@@ -214,12 +214,14 @@ def train(
             while step < config.meta_steps:
                 tasks = problem.sample_tasks(generators["tasks"], config.meta_batch)
                 set_outer_lr(optimizer, outer_lr_at(config, step))
+                step_start = time.perf_counter()
                 record = _meta_step(
                     model, inner, optimizer, rule, method, loss_fn, tasks, steps, device, dtype,
                     metric_fn=metric_fn, batched=batched,
                 )  # fmt: skip
                 step += 1
                 record = {"step": step, **record}
+                record["step_time_s"] = round(time.perf_counter() - step_start, 4)
                 last = step == config.meta_steps
                 if (config.eval_every and step % config.eval_every == 0) or last:
                     record.update(

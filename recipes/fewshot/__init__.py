@@ -1,0 +1,5 @@
+"""Few-shot image classification with every rule (``python -m recipes.fewshot``)."""
+
+from recipes.fewshot.recipe import FewshotConfig, main
+
+__all__ = ["FewshotConfig", "main"]
