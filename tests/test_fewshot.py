@@ -258,3 +258,15 @@ def test_fashion_mnist_from_debian_package():
     assert [splits.test.count(c) for c in range(5)] == [1000] * 5
     assert not set(splits.train.names) & set(splits.test.names)
     check_episodes(splits.test, 5, 5, 15, 1, 28)
+
+
+def test_paper_table_gaps_to_maml():
+    from recipes.fewshot.paper import paper_table
+
+    def res(maml: float, fo: float) -> dict:
+        entry = lambda a: {"test_accuracy": a, "test_ci95": 0.01}  # noqa: E731
+        return {"methods": {"FOMAML": entry(fo), "MAML": entry(maml)}, "untrained": entry(0.3)}
+
+    table = paper_table({1: res(0.50, 0.48), 5: res(0.65, 0.655)})
+    assert "| FOMAML         | 48.00 ± 1.00 (-2.00) | 65.50 ± 1.00 (+0.50) |" in table
+    assert "| MAML           |         50.00 ± 1.00 |" in table and "untrained init" in table
