@@ -6,8 +6,9 @@ validation uses ``val_tasks`` fixed meta-val episodes and the final test ``test_
 fixed meta-test episodes (each set drawn from its own seed, in chunks, so large images
 never sit in memory all at once). Test-time adaptation is the inner loop without a
 meta-gradient: ``test_steps`` steps of the inner optimizer (plain GD at the inner lr,
-the learned rates, or the torchopt optimizer) on every task of a chunk at once under
-``torch.func.vmap`` (:func:`recipes.common.evaluation.adaptation_curve`).
+the learned rates, or the torchopt optimizer) on each task, or on every task of a chunk
+at once under ``torch.func.vmap`` with ``--vmap-tasks``
+(:func:`recipes.common.evaluation.adaptation_curve`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class FewshotProblem:
         eval_steps: adaptation steps of the periodic validation (the inner K).
         test_steps: adaptation steps at meta-test.
         val_tasks, test_tasks: how many fixed episodes each evaluation uses.
-        chunk: episodes adapted together in evaluation.
+        chunk: episodes drawn (and, with ``vectorize``, adapted) together in evaluation.
+        vectorize: adapt a chunk's episodes together under ``torch.func.vmap``.
         seed: seeds the fixed validation and test episodes (not the training stream).
     """
 
@@ -75,12 +77,14 @@ class FewshotProblem:
         seed: int,
         device: torch.device,
         dtype: torch.dtype,
+        vectorize: bool = False,
     ) -> None:
         self.splits, self.model_name, self.hidden = splits, model, hidden
         self.ways, self.shots, self.query = ways, shots, query
         self.eval_steps, self.test_steps = eval_steps, test_steps
         self.val_tasks, self.test_tasks, self.chunk = val_tasks, test_tasks, chunk
         self.seed, self.device, self.dtype = seed, device, dtype
+        self.vectorize = vectorize
 
     def make_model(self) -> nn.Module:
         return make_model(
@@ -140,6 +144,7 @@ class FewshotProblem:
                     eval_steps=steps,
                     metric=accuracy,
                     train_loss=F.cross_entropy,
+                    vectorize=self.vectorize,
                 ).cpu()
             )
         return torch.cat(rows)
