@@ -34,6 +34,7 @@ from torchopt_metagrad._core.closed import describe
 from torchopt_metagrad._core.protocol import Estimate
 from torchopt_metagrad._core.record import Record
 from torchopt_metagrad._core.tasks import TaskJob
+from torchopt_metagrad.errors import NonFiniteError
 
 __all__ = ["Link", "RuleReport", "collect", "over_tasks"]
 
@@ -189,6 +190,18 @@ def over_tasks(
     return list(Link.apply(job, rule, owner, *(leaves[i] for i in where)))
 
 
+def _hint(record: Any) -> str:
+    """A likely cause of a non-finite backward through an optimizer with state."""
+    if getattr(record.step_map, "optimizer", None) is None:
+        return ""
+    return (
+        ". With Adam, RMSprop or Adagrad as the inner optimizer, a gradient entry that is "
+        "exactly zero (a dead ReLU unit, an unused parameter) puts a square root at zero in "
+        "the step, whose derivative is infinite: give the optimizer eps_root > 0 (e.g. "
+        "torchopt.adam(lr, eps_root=1e-8), tmg.MetaAdam(..., eps_root=1e-8))"
+    )
+
+
 def run_rule(
     rule: Any, record: Record, grad_outputs: Sequence[Tensor | None], owner: str
 ) -> tuple[Tensor, Tensor]:
@@ -215,7 +228,10 @@ def run_rule(
         ),
     )
     before = record.products
-    result = rule.meta_gradient(record, g)
+    try:
+        result = rule.meta_gradient(record, g)
+    except NonFiniteError as err:
+        raise NonFiniteError(f"{err}{_hint(record)}") from None
     info, meta = None, None
     if isinstance(result, Estimate):
         out, info, meta = result.value, result.info, result.meta

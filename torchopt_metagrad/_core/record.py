@@ -285,6 +285,8 @@ class Record(MetaProducts):
             return None  # kept graphs cannot be stacked; checkpointed states are recomputed
         snaps: list[Snapshot] = entries  # type: ignore[assignment]
         losses = [e.loss for e in snaps]
+        for loss in losses:
+            loss.check_unchanged()
         if not all(s.batchable for s in losses) or any(s.fn is not losses[0].fn for s in losses):
             return None  # closures: no pure function to vmap
         if any(s.replays_state for s in losses):

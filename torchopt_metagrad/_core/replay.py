@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 __all__ = ["StepLoss", "evaluate_pure"]
 
@@ -71,6 +71,7 @@ class StepLoss:
         "_cuda_rng",
         "_device",
         "_rng",
+        "_versions",
         "batch",
         "batchable",
         "fn",
@@ -91,6 +92,7 @@ class StepLoss:
         self.batchable = batchable
         self.meta = meta
         self.mutates = False
+        self._versions: list[tuple[Tensor, int]] = []
         self._rng: Tensor | None = None
         self._cuda_rng: Tensor | None = None
         self._device: torch.device | None = None
@@ -120,6 +122,7 @@ class StepLoss:
             self.mutates = w.found
         else:
             loss = self.fn(params, self.batch, self.meta)
+        self._versions = [(t, t._version) for t in tree_leaves(self.batch) if isinstance(t, Tensor)]
         drew = not torch.equal(rng, torch.get_rng_state())
         if cuda and cuda_rng is not None:
             drew = drew or not torch.equal(cuda_rng, torch.cuda.get_rng_state(device))
@@ -133,9 +136,20 @@ class StepLoss:
         with self.replaying():
             return self.fn(params, self.batch, self.meta if meta is None else meta)
 
+    def check_unchanged(self) -> None:
+        """Raise if a tensor of the batch was modified in place since the forward."""
+        for t, version in self._versions:
+            if t._version != version:
+                raise RuntimeError(
+                    f"a tensor of this step's batch (shape {tuple(t.shape)}) was modified in "
+                    "place after the inner loop ran; the rule would recompute the step with "
+                    "the new values. Modify a copy, or run the outer backward first"
+                )
+
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:
         """Context of a replay (RNG state restored, in-place writes shielded)."""
+        self.check_unchanged()
         with contextlib.ExitStack() as stack:
             if self._rng is not None:
                 cuda = self._cuda_rng is not None

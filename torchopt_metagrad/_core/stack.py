@@ -56,7 +56,7 @@ def constant(loss: StepLoss) -> Any:
 def vmap_failed(err: Exception) -> None:
     first_line = str(err).splitlines()[0] if str(err) else ""
     engine.warn_once(
-        type(err).__name__,
+        f"{type(err).__name__}: {first_line}",  # each different failure is reported once
         f"torch.func.vmap failed on this model ({type(err).__name__}: {first_line}); "
         "the Hessian-vector products run one by one (same result, slower)",
         stacklevel=5,

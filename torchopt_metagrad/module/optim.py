@@ -53,6 +53,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 import torchopt
 from torch import Tensor, nn
 from torchopt.base import UninitializedState
@@ -152,6 +153,12 @@ class MetaOptimizer(torchopt.MetaOptimizer):
         closure: Closure | None = None
         value: Tensor | None = None
         if isinstance(loss, Tensor):
+            if not loss.requires_grad and not torch.is_grad_enabled():
+                raise ValueError(
+                    f"{self._owner}.step got a loss computed under torch.no_grad(): the inner "
+                    "step needs its gradient. Compute the training loss with grad enabled "
+                    "(or pass a closure, which the optimizer runs with grad enabled)"
+                )
             value = loss
         elif callable(loss):
             closure = loss
