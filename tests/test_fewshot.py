@@ -270,3 +270,34 @@ def test_paper_table_gaps_to_maml():
     table = paper_table({1: res(0.50, 0.48), 5: res(0.65, 0.655)})
     assert "| FOMAML         | 48.00 ± 1.00 (-2.00) | 65.50 ± 1.00 (+0.50) |" in table
     assert "| MAML           |         50.00 ± 1.00 |" in table and "untrained init" in table
+
+
+def test_resnet12_meta_gradient_runs():
+    import torchopt_metagrad as tmg
+    from recipes.fewshot.models import make_model
+
+    torch.manual_seed(0)
+    net = make_model("resnet12", ways=3, channels=3, image_size=16, hidden=4)
+    assert not list(net.buffers())  # batch statistics only: a pure loss, vmap-able
+    x, y = torch.randn(6, 3, 16, 16), torch.arange(3).repeat(2)
+
+    def loss_fn(p, batch):
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(net, p, (batch[0],)),
+                                                 batch[1])  # fmt: skip
+
+    params = dict(net.named_parameters())
+    adapted = tmg.adapt(loss_fn, params, (x, y), steps=2, lr=0.1, rule=tmg.Binomial(1))
+    loss_fn(adapted, (x, y)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params.values())
+
+
+def test_sine_methods_comparison(tmp_path):
+    from recipes.sine import main as sine_main
+
+    argv = ["--mode", "train", "--methods", "exact", "first_order", "--steps", "2",
+            "--meta-steps", "2", "--meta-batch", "2", "--eval-every", "1", "--test-tasks", "3",
+            "--test-steps", "2", "--no-progress", "--no-plots", "--out", str(tmp_path)]  # fmt: skip
+    result = sine_main(argv)["train"]
+    assert set(result["ranking"]) == {"exact", "first_order"}
+    assert (tmp_path / "train" / "first_order" / "checkpoint.pt").is_file()
+    assert (tmp_path / "train" / "summary.csv").is_file()
