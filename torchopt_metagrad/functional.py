@@ -202,7 +202,8 @@ def _all_tasks(
         if batches is None
         else [TaskBatch(b, d) for b, d in zip(batches, bs_dims, strict=True)]
     )
-    if not _plain_loss(fn, spec, params, p_dims, per_step[0]):
+    distinct = {id(b.tree): b for b in per_step}.values()  # every step's batch, once
+    if not all(_plain_loss(fn, spec, params, p_dims, b) for b in distinct):
         return None
     thetas = [params[n] for n in names]
     theta_dims = [p_dims[n] for n in names]

@@ -102,7 +102,7 @@ class InnerLoop:
         """At the first step: find closed-over leaves, then plan what to store."""
         if not self.unrolled:
             self._check_step_map(grad)
-            closed = closed_over([value], [*stop, *self.meta.loss])
+            closed = closed_over([value], stop)
             if closed:
                 self.meta = Meta(self.meta.step, self.meta.loss, tuple(closed))
             if self.meta and not self._needs(self.horizon or 1, True).meta_params:
@@ -122,6 +122,19 @@ class InnerLoop:
         if horizon is not None and not self.unrolled and horizon > self._store_from:
             rows = -(-(horizon - self._store_from) // self._every)
             self._block = self.z.new_empty((rows, self.step_map.dim))
+
+    def _check_no_new_closed(self, value: Tensor, stop: list[Tensor], k: int) -> None:
+        """Refuse a tensor requiring grad that the loss closes over from step ``k > 0`` on
+        only (its meta-gradient would be lost: what is recorded was planned at step 0)."""
+        known = {id(t) for t in self.meta.closed}
+        new = [t for t in closed_over([value], stop) if id(t) not in known]
+        if new:
+            raise ValueError(
+                f"{self.what} uses {describe(new[0])} that requires grad from inner step {k} "
+                "on, but not at step 0, where the tensors it closes over are found: its "
+                "meta-gradient would be lost. Use it at every step (e.g. add 0 * it at step "
+                "0), pass it in params (adapt=...), or detach it"
+            )
 
     def _check_step_map(self, grad: Tensor) -> None:
         """Refuse a step map that closes over a tensor requiring grad (not a declared lr)."""
@@ -157,9 +170,14 @@ class InnerLoop:
         """Take one step with the inner loss ``loss`` (evaluated here, replayable later)."""
         k, P = self.n, self.spec.numel
         store = not self.unrolled and k >= self._store_from
+        # Graph-free, the loss's own meta-parameters enter as leaf copies, so the graph
+        # walk below finds every closed-over use of a tensor (even of one passed in params).
+        stand_ins = None if self.unrolled else tuple(_leaf(t) for t in loss.meta)
         with torch.enable_grad():
             leaf = self.z[:P] if self.unrolled else self.z[:P].detach().requires_grad_(True)
-            value = loss.evaluate(leaf, record=not self.unrolled, watch=self._mutates is None)
+            value = loss.evaluate(
+                leaf, record=not self.unrolled, watch=self._mutates is None, meta=stand_ins
+            )
             if self._mutates is None:
                 self._mutates = loss.mutates
             loss.mutates = self._mutates
@@ -167,8 +185,10 @@ class InnerLoop:
             (grad,) = torch.autograd.grad(value, leaf, create_graph=self.unrolled)
         check_inner_finite(value.detach(), grad.detach(), k)
         if k == 0:
-            self._start(value, [leaf], grad)
+            self._start(value, [leaf, *(stand_ins or ())], grad)
             store = not self.unrolled and k >= self._store_from
+        elif not self.unrolled:
+            self._check_no_new_closed(value, [leaf, *(stand_ins or ())], k)
         entry = Snapshot(self._keep(k), self.aux, loss) if store else None
         self.last_loss = None if self.unrolled else loss
         self._advance(grad, entry)
@@ -201,6 +221,8 @@ class InnerLoop:
         value = check_loss(value, k, what or self.what)
         if k == 0:
             self._start(value, list(params), self.z[: self.spec.numel])
+        elif not self.unrolled:
+            self._check_no_new_closed(value, list(params), k)
         keep = self.unrolled or (keep_graph(bool(self.meta)) and k >= self._store_from)
         with torch.enable_grad():
             grads = torch.autograd.grad(value, tuple(params), create_graph=keep, allow_unused=True)
@@ -268,3 +290,7 @@ def _finite_hook(k: int) -> Callable[[Tensor], None]:
         ensure_finite(grad, lambda: f"at inner step {k} (backward through the unrolled graph)")
 
     return hook
+
+
+def _leaf(t: Tensor) -> Tensor:
+    return t.detach().requires_grad_(True)

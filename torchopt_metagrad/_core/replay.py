@@ -102,26 +102,36 @@ class StepLoss:
         """True if a replay restores an RNG state or shields buffers (no vmap then)."""
         return self._rng is not None or self.mutates
 
-    def evaluate(self, params: Tensor, *, record: bool, watch: bool) -> Tensor:
+    def evaluate(
+        self,
+        params: Tensor,
+        *,
+        record: bool,
+        watch: bool,
+        meta: tuple[Tensor, ...] | None = None,
+    ) -> Tensor:
         """The forward evaluation; with ``record``, note what a replay must restore.
 
         Args:
             params: flat params (a leaf, or the unrolled graph's node).
             record: capture the RNG state (and detect writes with ``watch``).
             watch: run under the write detector (the first step of a loop).
+            meta: stand-ins for :attr:`meta` (leaf copies, so that a walk of this
+                evaluation's graph tells their use apart from a closed-over use).
         """
+        meta = self.meta if meta is None else meta
         if not record:
-            return self.fn(params, self.batch, self.meta)
+            return self.fn(params, self.batch, meta)
         device = params.device
         cuda = device.type == "cuda"
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(device) if cuda else None
         if watch:
             with _Watch() as w:
-                loss = self.fn(params, self.batch, self.meta)
+                loss = self.fn(params, self.batch, meta)
             self.mutates = w.found
         else:
-            loss = self.fn(params, self.batch, self.meta)
+            loss = self.fn(params, self.batch, meta)
         self._versions = [(t, t._version) for t in tree_leaves(self.batch) if isinstance(t, Tensor)]
         drew = not torch.equal(rng, torch.get_rng_state())
         if cuda and cuda_rng is not None:
