@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with_detector = replay.StepLoss.evaluate
 
-    def without_detector(self, params, *, record, watch):  # type: ignore[no-untyped-def]
-        return with_detector(self, params, record=record, watch=False)
+    def without_detector(self, params, *, record, watch, meta=None):  # type: ignore[no-untyped-def]
+        return with_detector(self, params, record=record, watch=False, meta=meta)
 
     sides = {"with the write detector": with_detector, "without": without_detector}
     times: dict[str, list[float]] = {name: [] for name in sides}
