@@ -15,6 +15,7 @@ the meta-step are written.
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -202,5 +203,5 @@ def _report(
                 curves,
                 xlabel="meta-step",
                 ylabel=label,
-                title=title.split(";")[0],
+                title=textwrap.fill(title.split(";")[0], 80),
             )
