@@ -83,17 +83,8 @@ def flow(
     rule = Adjoint() if rule is None else rule
     if is_batched(params, batch):  # under torch.func.vmap: one flow per task
         check_rule(rule)
-        names = list(check_params(params).names)
-        outputs = over_tasks(
-            lambda a: flow(
-                loss_fn, a[0], a[1], T=T, rule=rule, solver=solver, save_every=save_every
-            ),
-            (dict(params), batch),
-            names,
-            rule,
-            "tmg.flow",
-        )
-        return dict(zip(names, outputs, strict=True))
+        one = functools.partial(flow, loss_fn, T=T, rule=rule, solver=solver, save_every=save_every)
+        return _per_task(one, params, batch, rule, "tmg.flow")
     spec = check_params(params)
     check_callable(loss_fn, "loss_fn")
     check_rule(rule)
@@ -264,7 +255,7 @@ def adjoint(
 def _per_task(
     wrapped: Callable[..., dict[str, Tensor]], params: Any, batch: Any, rule: Any, owner: str
 ) -> dict[str, Tensor]:
-    """A decorated solver under ``torch.func.vmap``: run it once per task."""
+    """A front end's ``wrapped(params, batch)`` under ``torch.func.vmap``: once per task."""
     names = list(check_params(params).names)
     outputs = over_tasks(lambda a: wrapped(a[0], a[1]), (dict(params), batch), names, rule, owner)
     return dict(zip(names, outputs, strict=True))

@@ -35,6 +35,8 @@ class MetaProducts:
 
         def _entry(self, k: int) -> Any: ...
 
+        def _entries(self, start: int, n: int) -> list[Any]: ...
+
         def snapshot(self, k: int) -> Tensor: ...
 
         def _loss(self, k: int) -> Any: ...
@@ -60,11 +62,7 @@ class MetaProducts:
         self.products += 1
         if not hasattr(entry, "loss"):  # a kept step
             w_step, _ = self.meta.copies()
-            with torch.enable_grad():
-                z = self.spec.flatten(entry.params)
-                if entry.state is not None:
-                    z = torch.cat([z, entry.state])
-                delta = step_map.delta(z, self.spec.flatten(entry.grads), entry.aux, w_step)
+            delta = entry.delta(self.spec, step_map, w_step)
             with blocking(self.chain):
                 grads = pull_list([delta], (*entry.inputs, *w_step, *self.meta.closed), [v])
             n = len(entry.inputs)
@@ -86,9 +84,7 @@ class MetaProducts:
         self, start: int, vectors: Tensor, *, chunk_size: int | None = None, vectorize: bool = True
     ) -> Tensor:
         n = vectors.shape[0]
-        if start + n > self.steps:
-            raise IndexError(f"steps {start}..{start + n - 1} go past the last step")
-        entries = [self._entry(start + r) for r in range(n)]
+        entries = self._entries(start, n)
         batchable = vectorize and n > 1 and not self.meta.closed  # see engine
         stacked = self._stack(entries) if batchable else None
         if stacked is not None:

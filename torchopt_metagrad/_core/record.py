@@ -66,6 +66,17 @@ class Kept:
     def inputs(self) -> tuple[Tensor, ...]:
         return self.params if self.state is None else (*self.params, self.state)
 
+    def delta(
+        self, spec: FlatSpec, step_map: AbstractStepMap, w: tuple[Tensor, ...] = ()
+    ) -> Tensor:
+        """``Delta_k`` rebuilt from the kept gradient, with its graph (``w``: see
+        :meth:`AbstractStepMap.delta`)."""
+        with torch.enable_grad():
+            z = spec.flatten(self.params)
+            if self.state is not None:
+                z = torch.cat([z, self.state])
+            return step_map.delta(z, spec.flatten(self.grads), self.aux, w)
+
 
 @dataclass(eq=False)
 class Record(MetaProducts):
@@ -210,6 +221,12 @@ class Record(MetaProducts):
     def state_dim(self) -> int:
         return self.spec.numel if self.step_map is None else self.step_map.dim
 
+    def _entries(self, start: int, n: int) -> list[Snapshot | Kept]:
+        """Steps ``start..start+n-1`` (raises if they go past the last step)."""
+        if start + n > self.steps:
+            raise IndexError(f"steps {start}..{start + n - 1} go past the last step")
+        return [self._entry(start + r) for r in range(n)]
+
     def _entry(self, k: int) -> Snapshot | Kept:
         if self.released is not None:
             raise RuntimeError(self.released)
@@ -250,12 +267,7 @@ class Record(MetaProducts):
         entry, step_map = self._entry(k), self._step_map()
         self.products += 1
         if isinstance(entry, Kept):
-            with torch.enable_grad():
-                z = self.spec.flatten(entry.params)
-                if entry.state is not None:
-                    z = torch.cat([z, entry.state])
-                delta = step_map.delta(z, self.spec.flatten(entry.grads), entry.aux)
-            return pull([delta], entry.inputs, [v])
+            return pull([entry.delta(self.spec, step_map)], entry.inputs, [v])
         aux = entry.aux
         return engine.vjp_increment(
             _constant(entry.loss),
@@ -269,9 +281,7 @@ class Record(MetaProducts):
         self, start: int, vectors: Tensor, *, chunk_size: int | None = None, vectorize: bool = True
     ) -> Tensor:
         n = vectors.shape[0]
-        if start + n > self.steps:
-            raise IndexError(f"steps {start}..{start + n - 1} go past the last step")
-        entries = [self._entry(start + r) for r in range(n)]
+        entries = self._entries(start, n)
         if vectorize and n > 1:
             batched = self._batched(entries, vectors, chunk_size)
             if batched is not None:
