@@ -36,6 +36,11 @@ def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     )
 
 
+def _mse(q: dict[str, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The linear least-squares inner loss most cases use."""
+    return ((b[0] @ q["w"] - b[1]) ** 2).mean()
+
+
 def _grads(rule: tmg.AbstractRule, build) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
     outer, leaves = build(rule)
     return list(torch.autograd.grad(outer, leaves))
@@ -55,7 +60,7 @@ def test_closed_over_float32_coefficient_in_float64_loop(rule):
 
     def build(r):  # type: ignore[no-untyped-def]
         p = {"w": w0.clone().requires_grad_()}
-        fn = lambda q, b: ((b[0] @ q["w"] - b[1]) ** 2).mean() + coef * (q["w"] ** 2).sum()  # noqa: E731
+        fn = lambda q, b: _mse(q, b) + coef * (q["w"] ** 2).sum()  # noqa: E731
         out = tmg.adapt(fn, p, (x, y), steps=3, lr=0.1, rule=r)
         return (out["w"] ** 3).sum(), [p["w"], coef]
 
@@ -71,7 +76,7 @@ def test_torchopt_optimizer_with_a_tensor_lr_that_requires_grad_is_refused(rule)
     p = {"w": w0.clone().requires_grad_()}
     with pytest.raises(ValueError, match=r"inner optimizer depends on a tensor of shape \(\)"):
         tmg.adapt(
-            lambda q, b: ((b[0] @ q["w"] - b[1]) ** 2).mean(),
+            _mse,
             p,
             (x, y),
             steps=2,
@@ -86,7 +91,7 @@ def test_per_step_batches_that_require_grad_are_refused():
     p = {"w": w0.clone().requires_grad_()}
     with pytest.raises(ValueError, match=r"batches\[1\] holds a tensor of shape \(6, 3\)"):
         tmg.adapt(
-            lambda q, b: ((b[0] @ q["w"] - b[1]) ** 2).mean(),
+            _mse,
             p,
             batches=[(x, y), (feats, y)],
             steps=2,
@@ -111,7 +116,7 @@ def test_bad_lr_tensors_are_refused_naming_lr(lr, match):
     x, y, w0 = _data()
     with pytest.raises((TypeError, ValueError), match=match):
         tmg.adapt(
-            lambda q, b: ((b[0] @ q["w"] - b[1]) ** 2).mean(),
+            _mse,
             {"w": w0.clone().requires_grad_()},
             (x, y),
             steps=3,
@@ -128,7 +133,7 @@ def test_learned_lr_is_refused_by_rules_that_do_not_depend_on_it(rule):
     lr = torch.tensor(0.1, dtype=D, requires_grad=True)
     with pytest.raises(ValueError, match="does not depend on the inner learning rate"):
         tmg.adapt(
-            lambda q, b: ((b[0] @ q["w"] - b[1]) ** 2).mean(),
+            _mse,
             {"w": w0.clone().requires_grad_()},
             (x, y),
             steps=3,
@@ -146,7 +151,7 @@ def test_a_rule_without_meta_support_raises_instead_of_dropping_the_term():
     x, y, w0 = _data()
     coef = torch.tensor(0.3, dtype=D, requires_grad=True)
     out = tmg.adapt(
-        lambda q, b: ((b[0] @ q["w"] - b[1]) ** 2).mean() + coef * (q["w"] ** 2).sum(),
+        lambda q, b: _mse(q, b) + coef * (q["w"] ** 2).sum(),
         {"w": w0.clone().requires_grad_()},
         (x, y),
         steps=2,
@@ -162,7 +167,7 @@ def test_second_derivative_through_a_meta_parameter_raises(rule):
     x, y, w0 = _data()
     lr = torch.tensor(0.1, dtype=D, requires_grad=True)
     out = tmg.adapt(
-        lambda q, b: ((b[0] @ q["w"] - b[1]) ** 2).mean(),
+        _mse,
         {"w": w0.clone().requires_grad_()},
         (x, y),
         steps=2,
