@@ -41,6 +41,7 @@ from recipes.common.plotting import plot_curves
 from recipes.common.runner import Callback, RunResult, train
 from recipes.common.tables import markdown_table
 from recipes.sine.study import StudySettings, format_study, run_study
+from recipes.sine.study_seeds import format_seeds, run_seeds
 from recipes.sine.tasks import SineProblem
 from torchopt_metagrad.diagnostics import curvature_regime
 
@@ -73,6 +74,12 @@ class SineConfig(InnerConfig):
     study_steps: int = option(5, "study: inner steps K", volatile=True)
     study_lr: float = option(0.003, "study: inner step size", volatile=True)
     study_tasks: int = option(20, "study: tasks averaged over", volatile=True)
+    study_seeds: int = option(
+        1,
+        "study: run it for this many seeds (--seed, --seed+1, ...; each a new initialization "
+        "and new tasks) and report ratios as geometric means with their range",
+        volatile=True,
+    )
     power_iters: int = option(
         20, "study: power iterations per Hessian-norm estimate", volatile=True
     )
@@ -102,6 +109,8 @@ class SineConfig(InnerConfig):
         for method in parse_methods(self.methods or (self.rule,), self.steps):
             # e.g. reptile + --anil, order > steps: argparse errors
             check_method(method, self.learn_lr, self.anil, self.steps, self.inner_optimizer)
+        if self.study_seeds < 1:
+            raise ValueError(f"--study-seeds must be >= 1, got {self.study_seeds}")
         if self.power_iters < 1:
             raise ValueError(f"--power-iters must be >= 1, got {self.power_iters}")
 
@@ -126,24 +135,27 @@ def _run(config: SineConfig, callbacks: Sequence[Callback]) -> dict[str, Any]:
     write_json(out / "config.json", config_dict(config))
     result: dict[str, Any] = {}
     if config.mode in ("study", "both"):
-        study = run_study(
-            StudySettings(
-                steps=config.study_steps,
-                lr=config.study_lr,
-                tasks=config.study_tasks,
-                shots=config.shots,
-                query_shots=config.query_shots,
-                power_iters=config.power_iters,
-                seed=config.seed,
-                device=config.device,
-                dtype=config.dtype,
-                progress=config.progress,
-                plots=config.plots,
-            ),
-            out / "study",
+        settings = StudySettings(
+            steps=config.study_steps,
+            lr=config.study_lr,
+            tasks=config.study_tasks,
+            shots=config.shots,
+            query_shots=config.query_shots,
+            power_iters=config.power_iters,
+            seed=config.seed,
+            device=config.device,
+            dtype=config.dtype,
+            progress=config.progress,
+            plots=config.plots,
         )
-        print(format_study(study), flush=True)
-        result["study"] = study
+        if config.study_seeds > 1:
+            seeds = run_seeds(settings, config.study_seeds, out / "study")
+            print(format_seeds(seeds), flush=True)
+            result["study"] = seeds
+        else:
+            study = run_study(settings, out / "study")
+            print(format_study(study), flush=True)
+            result["study"] = study
     if config.mode in ("train", "both") and config.methods:
         result["train"] = _compare(config, out / "train", callbacks)
     elif config.mode in ("train", "both"):
