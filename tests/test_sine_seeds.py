@@ -45,3 +45,21 @@ def test_study_seeds_below_one_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sine_main([*TINY, "--study-seeds", "0", "--out", str(tmp_path)])
     assert "--study-seeds" in capsys.readouterr().err
+
+
+def test_paired_comparison_separates_shared_task_difficulty_from_the_gap():
+    from recipes.common.compare import _ranking_text, paired
+
+    # task difficulty varies a lot, the gap is small but the same on every task
+    a = [float(i) for i in range(30)]
+    b = [x + 0.01 + 1e-4 * (i % 3) for i, x in enumerate(a)]
+    test = paired(a, b)
+    assert test["n"] == 30 and math.isclose(test["mean_diff"], -0.01 - 1e-4, rel_tol=1e-6)
+    assert abs(test["t"]) > 100
+    tie = paired([1.0, 2.0, 3.0, 4.0], [1.1, 1.9, 3.1, 3.9])
+    assert abs(tie["t"]) < 2
+    text = _ranking_text(["A", "B", "C"], [
+        {"better": "A", "worse": "B", **test}, {"better": "B", "worse": "C", **tie}])  # fmt: skip
+    assert "A > B (paired t" in text and ") ~ C (paired t = 0)" in text
+    with pytest.raises(ValueError, match="paired"):
+        paired([1.0], [2.0])

@@ -159,6 +159,7 @@ def _run(config: Regression2DConfig, callbacks: Sequence[Callback]) -> dict[str,
                 {"adapt_steps": k, "nrmse_mean": m, "nrmse_std": d}
                 for k, m, d in zip(test_steps, mean, std, strict=True)
             ],
+            per_task=curve[:, -1].tolist(),
         )
 
     title = (

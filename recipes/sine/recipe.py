@@ -190,6 +190,7 @@ def _compare(config: SineConfig, out: Path, callbacks: Sequence[Callback]) -> di
             cells=[f"{mean[s]:.3f} ± {std[s]:.3f}" for s in steps],
             data={"test_curve": {"mean": mean, "std": std}},
             csv_rows=[{"adapt_steps": s, "mse_mean": mean[s], "mse_std": std[s]} for s in steps],
+            per_task=curve[:, min(k, config.test_steps)].tolist(),
         )
 
     return compare(
