@@ -72,6 +72,12 @@ class Regression2DConfig(TrainConfig):
     val_shots: int = option(0, "validation examples per task (0: from --setting)")
     steps: int = option(0, "inner GD steps of the long-horizon methods (0: from --setting)")
     maml_steps: int = option(0, "inner GD steps of MAML (exact) (0: from --setting)")
+    vmap_tasks: bool = option(
+        True,
+        "run a meta-batch's tasks together under torch.func.vmap (the same meta-gradient up to "
+        "float round-off; methods that cannot, reptile and flow=, run the loop; "
+        "benchmarks/results_tasks_cpu.md has the speed-up)",
+    )
     methods: tuple[str, ...] = option(
         (), "methods to compare, name[:key=value,...] (empty: the paper's six)"
     )

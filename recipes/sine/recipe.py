@@ -96,6 +96,12 @@ class SineConfig(InnerConfig):
         70000, "train: outer steps; a resumed run may extend it", volatile=True
     )
     meta_batch: int = option(25, "train: tasks per meta-batch")
+    vmap_tasks: bool = option(
+        True,
+        "run a meta-batch's tasks together under torch.func.vmap (the same meta-gradient up to "
+        "float round-off; methods that cannot, reptile and flow=, run the loop; "
+        "benchmarks/results_tasks_cpu.md has the speed-up)",
+    )
     steps: int = option(5, "train: inner steps K")
     eval_every: int = option(1000, "train: evaluate every this many meta-steps")
     checkpoint_every: int = option(
