@@ -156,3 +156,21 @@ def test_code_scale_from_a_spec_and_its_errors():
         tmg.Binomial(2, hessian_scale="repo")
     with pytest.raises(ValueError, match="hessian_scale='code' needs a fixed order"):
         tmg.Binomial("auto", hessian_scale="code")
+
+
+@pytest.mark.parametrize("rule", [tmg.Exact(), tmg.Binomial(2)], ids=repr)
+def test_vmap_over_one_task_equals_the_task_alone(problem, rule):
+    """One task under vmap runs its own inner loop (no batched loop inside): same result."""
+    params = problem.params
+    x, y = problem.inner
+
+    def task(xs, ys):
+        out = tmg.adapt(problem.loss, params, (xs, ys), steps=4, lr=0.1, rule=rule)
+        return problem.loss(out, problem.outer)
+
+    batched = torch.autograd.grad(
+        torch.func.vmap(task)(x[None], y[None]).sum(), list(params.values())
+    )
+    alone = torch.autograd.grad(task(x, y), list(params.values()))
+    for a, b in zip(batched, alone, strict=True):
+        assert rel(a, b) < 1e-13
