@@ -174,3 +174,12 @@ def test_vmap_over_one_task_equals_the_task_alone(problem, rule):
     alone = torch.autograd.grad(task(x, y), list(params.values()))
     for a, b in zip(batched, alone, strict=True):
         assert rel(a, b) < 1e-13
+
+
+def test_the_cheap_finiteness_check_is_exact():
+    from torchopt_metagrad._core.checks import all_finite
+
+    assert all_finite(torch.tensor([3e38, 3e38]))  # the sum overflows, the entries are finite
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
+    assert not all_finite(torch.tensor([float("inf"), float("-inf")]))
+    assert not all_finite(torch.tensor([1.0, float("inf")]))
