@@ -168,6 +168,8 @@ def test_rule_knobs_are_the_dataclass_fields_with_their_types():
         "check": bool,
         "tol": float,
         "max_order": int,
+        "memory": int | Literal["auto"] | None,
+        "hessian_scale": Literal["paper", "code"],
     }
     assert tmg.rule_knobs(tmg.ImplicitCG) == {"reg": float, "maxiter": int, "tol": float}
     assert tmg.rule_knobs("exact") == {"snapshots": int | None}

@@ -71,7 +71,7 @@ class TaskJob:
                 "vmap (loss.backward(), torch.autograd.grad); another torch.func transform "
                 "around it (grad, vjp, jacrev, an outer vmap) is not supported"
             )
-        if self.batched is not None:
+        if self.batched is not None and size > 1:  # one task: its own loop, no vmap inside
             outputs = self.batched(size, in_dims, tensors)
             if outputs is not None:
                 return tuple(outputs), (0,) * len(outputs)

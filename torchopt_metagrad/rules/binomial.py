@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from torchopt_metagrad._core.budget import Memory, check_memory
 from torchopt_metagrad._core.callsite import warn_at_call_site
 from torchopt_metagrad._core.checks import check_int, check_positive
 from torchopt_metagrad.errors import RegimeWarning
@@ -21,6 +22,7 @@ from torchopt_metagrad.rules.base import (
 from torchopt_metagrad.rules.binomial_series import (
     REGIME_THRESHOLD,
     BinomialInfo,
+    Products,
     auto_stages,
     fixed_stages,
     regime,
@@ -58,16 +60,35 @@ class Binomial(StepProductRule):
     Bias: exact when ``order == steps``; ``order == 0`` is first-order MAML; the
     dropped terms are :math:`O(\alpha^{L+1})`. Cost: ``order * (K-order+1)``
     HVPs in ``order`` serial batched calls; memory: K snapshots, O((K-L+1) d)
-    for the stage vectors, and the stage's batched HVP graph, which holds up to
-    ``K-L+1`` single-HVP graphs at once (``chunk_size`` bounds it to that many;
-    without it, at large K this can exceed the unrolled graph's memory).
-    ``vectorize=False`` keeps one HVP graph at a time. On a GPU the batched call
-    runs the stage's HVPs in parallel; on a CPU it mainly saves Python overhead
-    (faster for small models, not for convolutional ones).
+    for the stage vectors, and the graphs of the products evaluated together: a batched
+    call of ``n`` products holds ``n`` single-HVP graphs at once (each about twice one
+    step's graph). ``memory="auto"`` (default) measures one product's peak ``R`` (the
+    stage's first product, under a live-memory probe) and batches at most
+    ``max(K/4, 8 MiB / R)`` products per call: about half of the K step graphs unrolled
+    backprop keeps (``tmg._core.budget``); ``memory=n`` keeps a call under ``n`` bytes
+    (``max(1, n // R)`` rows); ``memory=None`` evaluates a whole stage (``K-L+1``
+    graphs, 2.5x unrolled's memory on the 4-conv net at K = 100) in one call;
+    ``chunk_size`` fixes the rows per call instead. A call of one row runs by plain
+    double backward. ``vectorize=False`` keeps one HVP graph at a time. The estimate
+    does not depend on the batching (to round-off). On a GPU the batched call runs the
+    products in parallel; on a CPU it mainly saves Python overhead (faster for small
+    models, not for convolutional ones).
 
-    This project implements the expansion exactly as written in the paper (factor
-    ``lr`` per Hessian); the public BinomMAML code scales the Hessian terms by
-    ``lr * L / K`` instead, which is a different estimator.
+    ``hessian_scale``: ``"paper"`` (default) is the expansion above, as written in the
+    paper (factor :math:`\alpha` per Hessian). ``"code"`` is the estimator of the public
+    BinomMAML code, which scales every Hessian term by :math:`\alpha L / K` instead:
+    with :math:`\hat A_k = (L/K) A_k` (:math:`= -\alpha (L/K) H_k` for gradient descent),
+
+    .. math::
+        \widehat{\nabla}_\theta^{\mathrm{code}} L = \sum_{l=0}^{L}
+        \sum_{0 \le k_1 < \dots < k_l \le K-1} \hat A_{k_1} \cdots \hat A_{k_l}\, g ,
+
+    i.e. the degree-``l`` terms are multiplied by :math:`(L/K)^l`. It is not a truncation
+    of the exact product (it differs from the ``"paper"`` expansion by 7e-2 to 1.6
+    relative on the sine tasks), equals it only when ``L == K``, and is computed by the
+    same stages with each product scaled; meta-parameters get the same sum with the
+    scaled partial sums as adjoints. The regime check does not apply to it (not run), nor
+    does ``order="auto"``.
 
     Regime check (``check=True``, fixed order): from the norms of the products it computes
     anyway (:math:`\|w_i\| / \|s\|`, a lower estimate of :math:`\mathrm{lr}\,\|H_i\|`)
@@ -107,6 +128,10 @@ class Binomial(StepProductRule):
             most ``tol`` times the estimate's norm (0 < tol < 1).
         max_order: ``order="auto"``: the highest order tried (clipped to ``steps``)
             before falling back to the exact product.
+        memory: how many products a batched call may hold: ``"auto"``, a number of
+            bytes, or ``None`` (a whole stage); ignored when ``chunk_size`` is given.
+        hessian_scale: ``"paper"`` (factor ``lr`` per Hessian term) or ``"code"``
+            (factor ``lr * L / K``, the public BinomMAML code's estimator).
     """
 
     order: int | Literal["auto"]
@@ -115,6 +140,8 @@ class Binomial(StepProductRule):
     check: bool = field(default=True, kw_only=True)
     tol: float = field(default=1e-3, kw_only=True)
     max_order: int = field(default=6, kw_only=True)
+    memory: Memory = field(default="auto", kw_only=True)
+    hessian_scale: Literal["paper", "code"] = field(default="paper", kw_only=True)
 
     def __post_init__(self) -> None:
         if isinstance(self.order, str):
@@ -134,6 +161,14 @@ class Binomial(StepProductRule):
         if check_positive(self.tol, "tol") >= 1:
             raise ValueError(f"tol must be in (0, 1), got {self.tol}")
         check_int(self.max_order, "max_order", minimum=1)
+        check_memory(self.memory)
+        if self.hessian_scale not in ("paper", "code"):
+            raise ValueError(f"hessian_scale must be 'paper' or 'code', got {self.hessian_scale!r}")
+        if self.auto and self.hessian_scale == "code":
+            raise ValueError(
+                "hessian_scale='code' needs a fixed order (its factor lr * L / K depends "
+                "on L); order='auto' uses the paper's expansion"
+            )
         if self.auto:
             if not self.check:
                 raise ValueError(
@@ -166,13 +201,13 @@ class Binomial(StepProductRule):
         if self.auto:
             return self._auto(record, g)
         K, L = record.num_steps, int(self.order)
+        products = self._products(L / K if self.hessian_scale == "code" else 1.0)
         if L == 0:
             if not record.meta_dim:
                 return g
-            return Estimate(g, meta=self._meta(record, g.expand(K, *g.shape)))
-        s, exact, rho = fixed_stages(
-            record, g, L, chunk_size=self.chunk_size, vectorize=self.vectorize, check=self.check
-        )
+            return Estimate(g, meta=self._meta(record, g.expand(K, *g.shape), products))
+        check = self.check and self.hessian_scale == "paper"
+        s, exact, rho = fixed_stages(record, g, L, products, check=check)
         info = BinomialInfo(order=L)
         if rho is not None:
             dropped, step_norms = regime(rho, L, g, s[0])
@@ -184,25 +219,22 @@ class Binomial(StepProductRule):
             return Estimate(s[0], info)
         # v_hat_j = s_L^{(j)}: s[j] for j in [1, K - L], then v_{K-L+1..K} exactly.
         adjoints = torch.cat([s[1:], torch.stack(exact[::-1])])
-        return Estimate(s[0], info, self._meta(record, adjoints))
+        return Estimate(s[0], info, self._meta(record, adjoints, products))
+
+    def _products(self, scale: float) -> Products:
+        return Products(self.chunk_size, self.memory, self.vectorize, scale)
 
     def _auto(self, record: RecordProtocol, g: Tensor) -> Estimate:
         K = record.num_steps
-        run = auto_stages(
-            record,
-            g,
-            tol=self.tol,
-            max_order=self.max_order,
-            chunk_size=self.chunk_size,
-            vectorize=self.vectorize,
-        )
+        products = self._products(1.0)
+        run = auto_stages(record, g, products, tol=self.tol, max_order=self.max_order)
         L = run.order
         if run.converged:
             info = BinomialInfo(L, auto=True, contribution=run.contribution, reliable=True, tried=L)
             if not record.meta_dim:
                 return Estimate(run.s[0], info)
             adjoints = torch.cat([run.s[1:], torch.stack(run.exact[::-1])])
-            return Estimate(run.s[0], info, self._meta(record, adjoints))
+            return Estimate(run.s[0], info, self._meta(record, adjoints, products))
         why = "its terms still grow at order" if run.growing else "it did not reach tol by order"
         warn_at_call_site(
             f"Binomial(order='auto', tol={self.tol:g}): {why} {L} (that stage changed the "
@@ -219,7 +251,7 @@ class Binomial(StepProductRule):
             0,
             K - L,
             tail=tail,
-            chunk_size=self.chunk_size,
+            chunk_size=products.chunk_size,
             vectorize=self.vectorize,
         )
         info = BinomialInfo(
@@ -245,8 +277,12 @@ class Binomial(StepProductRule):
             f"tmg.Binomial({L}, check=False) turns this check off"
         )
 
-    def _meta(self, record: RecordProtocol, adjoints: Tensor) -> Tensor:
-        """``sum_k B_k^T adjoints[k]`` (``adjoints[k]`` estimates ``v_{k+1}``)."""
+    def _meta(self, record: RecordProtocol, adjoints: Tensor, products: Products) -> Tensor:
+        """``sum_k B_k^T adjoints[k]`` (``adjoints[k]`` estimates ``v_{k+1}``), in calls of
+        the stages' rows (a whole call when no stage chose them)."""
         return record.meta_pullback_many(
-            0, adjoints, chunk_size=self.chunk_size, vectorize=self.vectorize
+            0,
+            adjoints,
+            chunk_size=products.chunk_size,
+            vectorize=self.vectorize and products.chunk_size != 1,
         )

@@ -41,11 +41,13 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from torchopt_metagrad._core.budget import Memory, measure_peak, rows_per_call
 from torchopt_metagrad.rules.base import RecordProtocol, ensure_finite
 
 __all__ = [
     "REGIME_THRESHOLD",
     "BinomialInfo",
+    "Products",
     "auto_stages",
     "dropped_term",
     "elementary_symmetric",
@@ -117,13 +119,44 @@ def norms(x: Tensor) -> list[float]:
     return x.reshape(-1, x.shape[-1]).norm(dim=-1).tolist()
 
 
+@dataclass
+class Products:
+    """How a backward's stages evaluate their products: ``w_i = scale * A_i v_i``.
+
+    ``chunk_size`` (rows per batched call) is given, or chosen from ``memory`` at the
+    first call with more than one row (``tmg._core.budget``): its first product runs
+    alone under a live-memory probe, the others in calls of as many rows as the budget
+    allows (one row: a plain loop, no ``vmap``). ``scale``: ``1`` for the paper's
+    expansion, ``L / K`` for ``hessian_scale="code"``.
+    """
+
+    chunk_size: int | None
+    memory: Memory
+    vectorize: bool
+    scale: float = 1.0
+
+    def __call__(self, record: RecordProtocol, start: int, vectors: Tensor) -> Tensor:
+        n = vectors.shape[0]
+        if self.chunk_size is None and self.memory is not None and self.vectorize and n > 1:
+            first, peak = measure_peak(lambda: record.apply(start, vectors[0]))
+            self.chunk_size = rows_per_call(self.memory, peak, record.num_steps)
+            rest = self._many(record, start + 1, vectors[1:])
+            w = torch.cat([first[None], rest])
+        else:
+            w = self._many(record, start, vectors)
+        return w if self.scale == 1 else w * self.scale
+
+    def _many(self, record: RecordProtocol, start: int, vectors: Tensor) -> Tensor:
+        looped = not self.vectorize or self.chunk_size == 1
+        return record.apply_many(start, vectors, chunk_size=self.chunk_size, vectorize=not looped)
+
+
 def fixed_stages(
     record: RecordProtocol,
     g: Tensor,
     order: int,
+    products: Products,
     *,
-    chunk_size: int | None,
-    vectorize: bool,
     check: bool,
 ) -> tuple[Tensor, list[Tensor], Tensor | None]:
     """The stage algorithm of ``Binomial(order)``, ``1 <= order <= K``.
@@ -139,7 +172,7 @@ def fixed_stages(
     rho = g.new_zeros(K, *g.shape[:-1]) if check else None
     for m in range(1, L + 1):
         lo = L - m  # this stage's products are w_i, i in [L - m, K - m]
-        w = record.apply_many(lo, prev, chunk_size=chunk_size, vectorize=vectorize)
+        w = products(record, lo, prev)
         ensure_finite(w, partial(where, w, m, lo))
         if rho is not None:
             rows = slice(lo, lo + w.shape[0])
@@ -197,11 +230,10 @@ class AutoResult:
 def auto_stages(
     record: RecordProtocol,
     g: Tensor,
+    products: Products,
     *,
     tol: float,
     max_order: int,
-    chunk_size: int | None,
-    vectorize: bool,
 ) -> AutoResult:
     """Stages over the full ranges until the last one's contribution is ``<= tol``.
 
@@ -214,7 +246,7 @@ def auto_stages(
     exact = [g]
     contribution = math.inf
     for m in range(1, top + 1):
-        w = record.apply_many(0, prev[1:], chunk_size=chunk_size, vectorize=vectorize)
+        w = products(record, 0, prev[1:])
         ensure_finite(w, partial(where, w, m, 0))
         cur = prev[-1] + w.flip(0).cumsum(0).flip(0)  # s_m^{(j)}, j in [0, K - m]
         last, contribution = (
