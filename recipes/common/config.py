@@ -27,6 +27,7 @@ from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
 
 from recipes.common.env import resolve_device, resolve_dtype
 from recipes.common.methods import knob_options, parse_method
+from recipes.common.parallel import quiet_other_ranks
 
 __all__ = [
     "RunConfig",
@@ -131,6 +132,12 @@ class TrainConfig(RunConfig):
         "continue from the run's checkpoint (same numbers as an uninterrupted run)",
         volatile=True,
     )
+    dist_timeout: float = option(
+        600.0,
+        "under torchrun: seconds a rank waits in a collective for the others before the job "
+        "stops with an error naming it",
+        volatile=True,
+    )
     overwrite: bool = option(
         False,
         "start afresh in an output folder that already holds a run (its checkpoint and "
@@ -149,6 +156,8 @@ class TrainConfig(RunConfig):
             raise ValueError(
                 f"--outer-schedule {self.outer_schedule} needs --outer-decay-steps >= 1"
             )
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout must be > 0, got {self.dist_timeout}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
 
@@ -227,6 +236,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, description: str = ""
         config = cls(**values)
     except (ValueError, TypeError) as err:
         parser.error(str(err))
+    quiet_other_ranks()  # under torchrun, only rank 0 prints
     return config
 
 
