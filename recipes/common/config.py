@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -50,9 +51,16 @@ def option(
     *,
     choices: Sequence[Any] | None = None,
     volatile: bool = False,
+    minimum: int | None = None,
 ) -> Any:
-    """A config field with its command-line help (and choices, volatility)."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "volatile": volatile}
+    """A config field with its command-line help (and choices, volatility, the smallest
+    value a count may take: ``minimum=1`` for a number of tasks, shots, steps...)."""
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "volatile": volatile,
+        "minimum": minimum,
+    }
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -83,9 +91,13 @@ class RunConfig:
         resolve_device(self.device)  # --device cuda without CUDA: a clear error at parse time
         resolve_dtype(self.dtype)
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be >= 0, got {value}")
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{flag} must be a finite number, got {value}")
+            if isinstance(value, int) and not isinstance(value, bool):
+                least = f.metadata.get("minimum") or 0
+                if value < least:
+                    raise ValueError(f"{flag} must be >= {least}, got {value}")
 
     @property
     def out_dir(self) -> str:
@@ -116,7 +128,7 @@ class TrainConfig(RunConfig):
         "meta-gradient up to float round-off)",
     )
     inner_lr: float = option(0.01, "inner gradient-descent step size")
-    steps: int = option(5, "inner steps K during meta-training")
+    steps: int = option(5, "inner steps K during meta-training", minimum=1)
     eval_every: int = option(100, "evaluate every this many meta-steps (0: only at the end)")
     checkpoint_every: int = option(
         100, "write a checkpoint every this many meta-steps (and at the end)", volatile=True

@@ -27,6 +27,7 @@ from recipes.common.parallel import is_writer
 __all__ = [
     "MetricsLog",
     "read_jsonl",
+    "remove_stale_temporaries",
     "training_time",
     "write_atomic",
     "write_csv",
@@ -122,8 +123,9 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it (mkstemp: 0600)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -132,6 +134,29 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: Suffix of :func:`write_atomic`'s temporary files (``.<name>.<random>.tmp``).
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files a process killed mid-write (SIGKILL, power loss) left in
+    ``folder`` (``.<name>.<random>.tmp`` beside ``<name>``); returns them. Called when a
+    run starts (one writer per folder), never while another process writes there."""
+    removed = []
+    if is_writer() and Path(folder).is_dir():
+        for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

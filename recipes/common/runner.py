@@ -51,7 +51,7 @@ from recipes.common.env import (
 from recipes.common.inner import InnerParams, check_method, inner_options
 from recipes.common.interrupt import StopFlag, graceful_stop
 from recipes.common.methods import Method, MetricFn, batched_direction, task_direction
-from recipes.common.metrics import MetricsLog
+from recipes.common.metrics import MetricsLog, remove_stale_temporaries
 from recipes.common.outer import make_optimizer, outer_lr_at, set_outer_lr
 from recipes.common.parallel import (
     gather_stats,
@@ -64,7 +64,7 @@ from recipes.common.parallel import (
 from recipes.common.progress import progress_bar
 from torchopt_metagrad.distributed import RankInfo
 
-__all__ = ["Callback", "MetaProblem", "RunExistsError", "RunResult", "train"]
+__all__ = ["Callback", "MetaProblem", "RunExistsError", "RunResult", "check_start", "train"]
 
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
 Task = tuple[Any, Any]
@@ -165,21 +165,15 @@ def train(
     steps = method.steps or config.steps
     learn_lr, anil, inner_opt = inner_options(config)
     check_method(method, learn_lr, anil, steps, inner_opt)
-    identity = {
-        "recipe": recipe,
-        "config": _identity_config(config),
-        "method": method.spec,
-    }
+    identity = _identity(recipe, method, config)
 
     def start() -> dict[str, Any] | None:
         """Rank 0 decides: refuse an existing run, or read the checkpoint to resume."""
+        state = check_start(recipe, method, config, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not config.resume:
-            _refuse_existing(ckpt_path, config)
-            return None
-        # On CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        state = load_checkpoint(ckpt_path, map_location="cpu")
-        _check_same_run(state, identity, ckpt_path, _defaults(config))
+        remove_stale_temporaries(run_dir)
+        if config.overwrite:
+            ckpt_path.unlink(missing_ok=True)
         return state
 
     state = on_rank0(info, start)
@@ -311,9 +305,9 @@ def _restore(
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], {})
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = " ".join(str(err).split())[:400] or type(err).__name__
         raise CheckpointError(
-            f"checkpoint {path} does not fit this run's model or optimizer ({first}); "
+            f"checkpoint {path} does not fit this run's model or optimizer ({text}); "
             "use another --out or --overwrite"
         ) from None
 
@@ -379,12 +373,35 @@ def _record(means: dict[str, float]) -> dict[str, float]:
     return {"train/query_loss": means["train/query_loss"], **means}
 
 
+def check_start(
+    recipe: str, method: Method, config: TrainConfig, run_dir: str | Path
+) -> dict[str, Any] | None:
+    """What :func:`train` checks before it writes anything: a run already in ``run_dir``
+    is refused without ``--resume`` / ``--overwrite``; with ``--resume`` the checkpoint
+    must exist, be intact and come from the same settings. Returns that checkpoint (or
+    ``None`` for a fresh start). Recipes call it before writing their own files, so a
+    refused command leaves the folder as it was.
+
+    Raises:
+        RunExistsError, FileNotFoundError, CheckpointError: as :func:`train`.
+    """
+    ckpt_path = Path(run_dir) / "checkpoint.pt"
+    if not config.resume:
+        _refuse_existing(ckpt_path, config)
+        return None
+    # On CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+    state = load_checkpoint(ckpt_path, map_location="cpu")
+    _check_same_run(state, _identity(recipe, method, config), ckpt_path, _defaults(config))
+    return state
+
+
+def _identity(recipe: str, method: Method, config: TrainConfig) -> dict[str, Any]:
+    return {"recipe": recipe, "config": _identity_config(config), "method": method.spec}
+
+
 def _refuse_existing(ckpt_path: Path, config: TrainConfig) -> None:
     """A folder that holds a run is not silently overwritten."""
-    if not ckpt_path.is_file():
-        return
-    if config.overwrite:
-        ckpt_path.unlink()
+    if not ckpt_path.is_file() or config.overwrite:
         return
     try:
         step = f"at meta-step {int(load_checkpoint(ckpt_path)['step'])}"
