@@ -15,6 +15,9 @@ the meta-step are written.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
+import statistics
 import textwrap
 import time
 from collections.abc import Callable, Sequence
@@ -53,12 +56,40 @@ class Evaluation:
         cells: the method's table cells (one per entry of ``compare``'s ``columns``).
         data: JSON entries for the method in ``results.json``.
         csv_rows: rows for ``summary.csv`` (the method's label and spec are added).
+        per_task: the score on each test task, in the same task order for every method
+            (optional). When every method gives it, neighbours in the ranking are
+            compared by a paired t-test over the tasks (:func:`paired`), and the ranking
+            says which gaps the test tasks can tell apart.
     """
 
     score: float
     cells: Sequence[str]
     data: dict[str, Any] = field(default_factory=dict)
     csv_rows: Sequence[dict[str, Any]] = ()
+    per_task: Sequence[float] | None = None
+
+
+#: |t| at or above which a paired gap counts as real (two-sided ~5% for >= 30 tasks).
+T_THRESHOLD = 2.0
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Paired comparison of two methods' scores on the same tasks: the mean of
+    ``a - b``, its standard error, and ``t = mean / se`` (``n - 1`` degrees of
+    freedom; ``|t| >=`` :data:`T_THRESHOLD` is read as a real gap). The spread of the
+    scores over tasks (the table's ± column) is not the uncertainty of a difference of
+    means on shared tasks: most of it is the tasks' difficulty, which pairing removes.
+    """
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(
+            f"paired: need two equally long score lists of >= 2 tasks, got {len(a)}, {len(b)}"
+        )
+    d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    n = len(d)
+    mean = sum(d) / n
+    se = statistics.stdev(d) / math.sqrt(n)
+    t = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+    return {"mean_diff": mean, "se": se, "t": t, "n": n}
 
 
 def parse_methods(specs: Sequence[str], steps: int) -> list[Method]:
@@ -183,10 +214,45 @@ def compare(
     if not interrupted:
         ranking = sorted(evaluations, key=lambda k: evaluations[k].score, reverse=higher_is_better)
         summary["ranking"] = ranking
-        _report(out, config, results, evaluations, ranking, columns, title, curve, records)
+        summary["paired"] = _neighbours(evaluations, ranking)
+        _report(
+            out, config, results, evaluations, ranking, summary["paired"], columns, title, curve,
+            records,
+        )  # fmt: skip
     write_json(out / "results.json", summary)
     print(f"{recipe}: outputs in {out} (results.json, summary.csv, plots; one folder per method)")
     return summary
+
+
+def _neighbours(evaluations: dict[str, Evaluation], ranking: list[str]) -> list[dict[str, Any]]:
+    """Paired tests between neighbours in the ranking, when every method has per-task
+    scores on the same tasks (else none)."""
+    scores = [evaluations[label].per_task for label in ranking]
+    if any(s is None for s in scores) or len({len(s) for s in scores if s is not None}) != 1:
+        return []
+    return [
+        {
+            "better": a,
+            "worse": b,
+            **paired(evaluations[a].per_task or [], evaluations[b].per_task or []),
+        }
+        for a, b in itertools.pairwise(ranking)
+    ]
+
+
+def _ranking_text(ranking: list[str], tests: list[dict[str, Any]]) -> str:
+    """``A > B (t = ..) ~ C (t = ..)``: ``>`` where the paired test tells the gap apart,
+    ``~`` where it does not."""
+    if not tests:
+        return "ranking (best first): " + " > ".join(ranking)
+    text = ranking[0]
+    for test in tests:
+        sign = ">" if abs(test["t"]) >= T_THRESHOLD else "~"
+        text += f" {sign} {test['worse']} (paired t = {abs(test['t']):.3g})"
+    return (
+        f"ranking (best first; '>' a gap the {tests[0]['n']} test tasks tell apart by a paired "
+        f"t-test, |t| >= {T_THRESHOLD}, '~' one they do not): {text}"
+    )
 
 
 def _report(
@@ -195,6 +261,7 @@ def _report(
     results: dict[str, Any],
     evaluations: dict[str, Evaluation],
     ranking: list[str],
+    tests: list[dict[str, Any]],
     columns: Sequence[str],
     title: str,
     curve: tuple[str, str] | None,
@@ -215,10 +282,7 @@ def _report(
         csv_rows += [{"method": label, "spec": r["method"], **row} for row in ev.csv_rows]
     write_csv(out / "summary.csv", csv_rows)
     table = markdown_table(["method", "inner steps", *columns, "train s", "s / meta-step"], rows)
-    print(
-        f"{title}\n\n{table}\n\nranking (best first): " + " > ".join(ranking),
-        flush=True,
-    )
+    print(f"{title}\n\n{table}\n\n{_ranking_text(ranking, tests)}", flush=True)
     if config.plots and curve is not None:
         key, label = curve
         curves: dict[str, Any] = {}

@@ -174,15 +174,18 @@ def run(config: FewshotConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
     def test(model: Any, inner: InnerParams) -> dict[str, Any]:
         acc = problem.accuracies(model, inner, "test", steps)
         (m0, ci0), (m, ci) = mean_ci95(acc[:, 0]), mean_ci95(acc[:, 1])
-        return {"test_accuracy": m, "test_ci95": ci, "test_accuracy_0": m0, "test_ci95_0": ci0}
+        return {"test_accuracy": m, "test_ci95": ci, "test_accuracy_0": m0, "test_ci95_0": ci0,
+                "per_task": acc[:, 1].tolist()}  # fmt: skip
 
     def evaluate(method: Method, run: RunResult) -> Evaluation:
         found = test(run.model, run.inner)
+        per_task = found.pop("per_task")
         return Evaluation(
             score=found["test_accuracy"],
             cells=[_pct(found["test_accuracy"], found["test_ci95"])],
             data=found,
             csv_rows=[found],
+            per_task=per_task,
         )
 
     seed_everything(config.seed)  # the initialization every method starts from
@@ -190,6 +193,7 @@ def run(config: FewshotConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
     _, anil, optimizer = inner_options(config)
     untrained = test(init, InnerParams.build(init, learn_lr="off", anil=anil, steps=config.steps,
                                              lr=config.inner_lr, optimizer=optimizer))  # fmt: skip
+    untrained.pop("per_task")
     title = (
         f"{config.dataset} {config.ways}-way {config.shots}-shot, {config.model}-{config.hidden}, "
         f"K={config.steps} inner steps at lr {config.inner_lr:g}, {config.meta_steps} meta-steps x "

@@ -17,7 +17,10 @@ Methods are ``name[:key=value,...]`` (see ``recipes.common.methods``): any rule 
 inner steps for that method and ``label=...`` names it. The default list is the
 paper's: FOMAML, Reptile, iMAML (reg 1, 5 CG steps), A-MAML (the adjoint with the
 modified Euler scheme over the GD iterates, t_k = k lr) with the long horizon
-(200 / 500 steps, T = 2 / 5), and MAML (``exact``) with the short one (20 / 50).
+(200 / 500 steps, T = 2 / 5), MAML (``exact``) with the short one (20 / 50), and
+MAML-1 (one inner step, the paper's Fig. 2). The paper's A-MAML solves the forward
+gradient flow with RK45; ``adjoint:flow=dopri5,label=A-MAML-RK45`` runs that variant
+(``tmg.flow`` with torchdiffeq's dopri5) instead of the GD iterates.
 """
 
 from __future__ import annotations
@@ -69,8 +72,14 @@ class Regression2DConfig(TrainConfig):
     val_shots: int = option(0, "validation examples per task (0: from --setting)")
     steps: int = option(0, "inner GD steps of the long-horizon methods (0: from --setting)")
     maml_steps: int = option(0, "inner GD steps of MAML (exact) (0: from --setting)")
+    vmap_tasks: bool = option(
+        True,
+        "run a meta-batch's tasks together under torch.func.vmap (the same meta-gradient up to "
+        "float round-off; methods that cannot, reptile and flow=, run the loop; "
+        "benchmarks/results_tasks_cpu.md has the speed-up)",
+    )
     methods: tuple[str, ...] = option(
-        (), "methods to compare, name[:key=value,...] (empty: the paper's five)"
+        (), "methods to compare, name[:key=value,...] (empty: the paper's six)"
     )
     train_tasks: int = option(100, "meta-training task pool", minimum=1)
     test_tasks: int = option(100, "new tasks for the meta-test", minimum=1)
@@ -108,6 +117,7 @@ class Regression2DConfig(TrainConfig):
             "implicit_cg:reg=1,maxiter=5,label=iMAML",
             "adjoint:label=A-MAML",
             f"exact:steps={self._value('maml_steps')},label=MAML",
+            "exact:steps=1,label=MAML-1",  # the paper's one-step MAML (its Fig. 2)
         )
         return parse_methods(specs, self._value("steps"))
 
@@ -159,6 +169,7 @@ def _run(config: Regression2DConfig, callbacks: Sequence[Callback]) -> dict[str,
                 {"adapt_steps": k, "nrmse_mean": m, "nrmse_std": d}
                 for k, m, d in zip(test_steps, mean, std, strict=True)
             ],
+            per_task=curve[:, -1].tolist(),
         )
 
     title = (

@@ -46,6 +46,7 @@ from recipes.common.plotting import plot_curves
 from recipes.common.runner import Callback, RunResult, check_start, train
 from recipes.common.tables import markdown_table
 from recipes.sine.study import StudySettings, format_study, run_study
+from recipes.sine.study_seeds import format_seeds, run_seeds
 from recipes.sine.tasks import SineProblem
 from torchopt_metagrad.diagnostics import curvature_regime
 
@@ -78,6 +79,12 @@ class SineConfig(InnerConfig):
     study_steps: int = option(5, "study: inner steps K", volatile=True, minimum=1)
     study_lr: float = option(0.003, "study: inner step size", volatile=True)
     study_tasks: int = option(20, "study: tasks averaged over", volatile=True, minimum=1)
+    study_seeds: int = option(
+        1,
+        "study: run it for this many seeds (--seed, --seed+1, ...; each a new initialization "
+        "and new tasks) and report ratios as geometric means with their range",
+        volatile=True,
+    )
     power_iters: int = option(
         20, "study: power iterations per Hessian-norm estimate", volatile=True
     )
@@ -94,6 +101,12 @@ class SineConfig(InnerConfig):
         70000, "train: outer steps; a resumed run may extend it", volatile=True
     )
     meta_batch: int = option(25, "train: tasks per meta-batch")
+    vmap_tasks: bool = option(
+        True,
+        "run a meta-batch's tasks together under torch.func.vmap (the same meta-gradient up to "
+        "float round-off; methods that cannot, reptile and flow=, run the loop; "
+        "benchmarks/results_tasks_cpu.md has the speed-up)",
+    )
     steps: int = option(5, "train: inner steps K", minimum=1)
     eval_every: int = option(1000, "train: evaluate every this many meta-steps")
     checkpoint_every: int = option(
@@ -107,6 +120,8 @@ class SineConfig(InnerConfig):
         for method in parse_methods(self.methods or (self.rule,), self.steps):
             # e.g. reptile + --anil, order > steps: argparse errors
             check_method(method, self.learn_lr, self.anil, self.steps, self.inner_optimizer)
+        if self.study_seeds < 1:
+            raise ValueError(f"--study-seeds must be >= 1, got {self.study_seeds}")
         if self.power_iters < 1:
             raise ValueError(f"--power-iters must be >= 1, got {self.power_iters}")
         if not self.study_lr > 0:
@@ -142,24 +157,27 @@ def _run(config: SineConfig, callbacks: Sequence[Callback]) -> dict[str, Any]:
     write_json(out / "config.json", config_dict(config))
     result: dict[str, Any] = {}
     if config.mode in ("study", "both"):
-        study = run_study(
-            StudySettings(
-                steps=config.study_steps,
-                lr=config.study_lr,
-                tasks=config.study_tasks,
-                shots=config.shots,
-                query_shots=config.query_shots,
-                power_iters=config.power_iters,
-                seed=config.seed,
-                device=config.device,
-                dtype=config.dtype,
-                progress=config.progress,
-                plots=config.plots,
-            ),
-            out / "study",
+        settings = StudySettings(
+            steps=config.study_steps,
+            lr=config.study_lr,
+            tasks=config.study_tasks,
+            shots=config.shots,
+            query_shots=config.query_shots,
+            power_iters=config.power_iters,
+            seed=config.seed,
+            device=config.device,
+            dtype=config.dtype,
+            progress=config.progress,
+            plots=config.plots,
         )
-        print(format_study(study), flush=True)
-        result["study"] = study
+        if config.study_seeds > 1:
+            seeds = run_seeds(settings, config.study_seeds, out / "study")
+            print(format_seeds(seeds), flush=True)
+            result["study"] = seeds
+        else:
+            study = run_study(settings, out / "study")
+            print(format_study(study), flush=True)
+            result["study"] = study
     if config.mode in ("train", "both") and config.methods:
         result["train"] = _compare(config, out / "train", callbacks)
     elif config.mode in ("train", "both"):
@@ -194,6 +212,7 @@ def _compare(config: SineConfig, out: Path, callbacks: Sequence[Callback]) -> di
             cells=[f"{mean[s]:.3f} ± {std[s]:.3f}" for s in steps],
             data={"test_curve": {"mean": mean, "std": std}},
             csv_rows=[{"adapt_steps": s, "mse_mean": mean[s], "mse_std": std[s]} for s in steps],
+            per_task=curve[:, min(k, config.test_steps)].tolist(),
         )
 
     return compare(
