@@ -66,11 +66,11 @@ def _train(rule_name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in net.named_parameters()}
 
 
-def _worker(rank: int, world: int, port: int, rule_name: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        params = _train(rule_name, rank, world)
+        params = {name: _train(name, rank, world) for name in RULES}
         if rank == 0:
             torch.save(params, out)
     finally:
@@ -83,14 +83,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("rule_name", list(RULES))
-def test_two_gloo_ranks_equal_one_process(rule_name, tmp_path: Path):
+def test_two_gloo_ranks_equal_one_process(tmp_path: Path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, _free_port(), rule_name, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)  # every rule, one launch
     together = torch.load(out)
-    alone = _train(rule_name, 0, 1)
-    for name, value in alone.items():
-        torch.testing.assert_close(together[name], value, rtol=1e-10, atol=1e-12)
+    for rule_name in RULES:
+        alone = _train(rule_name, 0, 1)
+        for name, value in alone.items():
+            torch.testing.assert_close(together[rule_name][name], value, rtol=1e-10, atol=1e-12)
 
 
 def test_helpers_alone_and_bad_input():
@@ -111,3 +111,21 @@ def test_helpers_alone_and_bad_input():
     assert torch.equal(w.grad, torch.full((2,), 3.0))
     with pytest.raises(ValueError, match="scale must be"):
         tmg.distributed.average_meta_gradients([w], scale="max")
+
+
+def test_meta_batch_seeds_do_not_depend_on_the_world_size():
+    cpu = torch.device("cpu")
+    alone = tmg.distributed.meta_batch_seeds(7, 3, 10, tmg.distributed.RankInfo(0, 1, 0, cpu))
+    assert len(set(alone)) == 10
+    for world in (2, 3, 4):
+        union = [
+            s
+            for r in range(world)
+            for s in tmg.distributed.meta_batch_seeds(
+                7, 3, 10, tmg.distributed.RankInfo(r, world, r, cpu)
+            )
+        ]
+        assert union == alone
+    assert alone != tmg.distributed.meta_batch_seeds(
+        7, 4, 10, tmg.distributed.RankInfo(0, 1, 0, cpu)
+    )

@@ -36,7 +36,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["RankInfo", "average_meta_gradients", "setup", "share", "task_range", "task_seed"]
+__all__ = [
+    "RankInfo",
+    "average_meta_gradients",
+    "meta_batch_seeds",
+    "setup",
+    "share",
+    "task_range",
+    "task_seed",
+]
 
 
 @dataclass(frozen=True)
@@ -103,9 +111,23 @@ def task_range(global_batch: int, info: RankInfo) -> range:
 
 def task_seed(seed: int, step: int, rank: int) -> int:
     """A seed for the tasks of ``rank`` at outer step ``step``: distinct across ranks and
-    steps, the same in every rerun (a 63-bit hash of the three numbers)."""
+    steps, the same in every rerun (a 63-bit hash of the three numbers). Pass a global
+    task index instead of the rank (:func:`meta_batch_seeds`) for draws that do not depend
+    on the number of ranks."""
     digest = hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def meta_batch_seeds(seed: int, step: int, global_batch: int, info: RankInfo) -> list[int]:
+    """Seeds of this rank's tasks at outer step ``step``: ``task_seed(seed, step, i)`` for
+    each global task index ``i`` in :func:`task_range`.
+
+    Task ``i`` of step ``step`` is drawn from its own seed, so the global meta-batch is the
+    same for every world size (the union over ranks; one process draws all of it), a run
+    checkpointed on N ranks resumes on M with the same tasks, and no random stream has to
+    be carried from step to step.
+    """
+    return [task_seed(seed, step, i) for i in task_range(global_batch, info)]
 
 
 def average_meta_gradients(

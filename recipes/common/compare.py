@@ -27,12 +27,24 @@ from typing import Any
 
 from recipes.common.config import TrainConfig, config_dict, stable_fields
 from recipes.common.methods import Method, parse_method
-from recipes.common.metrics import training_time, write_csv, write_json
+from recipes.common.metrics import (
+    remove_stale_temporaries,
+    training_time,
+    write_csv,
+    write_json,
+)
 from recipes.common.plotting import plot_curves
-from recipes.common.runner import Callback, MetaProblem, RunExistsError, RunResult, train
+from recipes.common.runner import (
+    Callback,
+    MetaProblem,
+    RunExistsError,
+    RunResult,
+    check_start,
+    train,
+)
 from recipes.common.tables import markdown_table
 
-__all__ = ["Evaluation", "compare", "parse_methods"]
+__all__ = ["Evaluation", "check_study", "compare", "parse_methods"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,30 @@ def parse_methods(specs: Sequence[str], steps: int) -> list[Method]:
     return methods
 
 
+def check_study(methods: Sequence[Method], config: TrainConfig, out: Path, *, recipe: str) -> None:
+    """What :func:`compare` checks before it writes anything (see
+    :func:`~recipes.common.runner.check_start`): a refused command leaves ``out`` as it was.
+
+    Raises:
+        RunExistsError: runs already in ``out`` without ``--resume`` / ``--overwrite``.
+        FileNotFoundError: ``--resume`` in a folder with no comparison to resume.
+        CheckpointError: a method's checkpoint is corrupted or from other settings.
+    """
+    manifest = out / "study.json"
+    if config.resume and not manifest.is_file():
+        raise FileNotFoundError(f"--resume: no study to resume in {out} ({manifest} is missing)")
+    existing = [str(out / m.slug) for m in methods if (out / m.slug / "checkpoint.pt").is_file()]
+    if existing and not (config.resume or config.overwrite):
+        raise RunExistsError(
+            f"{out} already holds runs ({', '.join(existing)}): add --resume to continue "
+            "them, --overwrite to start afresh, or choose another --out / --name"
+        )
+    for method in methods:
+        run_dir = out / method.slug
+        if config.resume and (run_dir / "checkpoint.pt").is_file():
+            check_start(recipe, method, config, run_dir)
+
+
 def compare(
     problem: MetaProblem,
     methods: Sequence[Method],
@@ -128,16 +164,10 @@ def compare(
         RunExistsError: runs already in ``out`` without ``--resume`` / ``--overwrite``.
         FileNotFoundError: ``--resume`` in a folder with no comparison to resume.
     """
+    check_study(methods, config, out, recipe=recipe)
     manifest = out / "study.json"
-    if config.resume and not manifest.is_file():
-        raise FileNotFoundError(f"--resume: no study to resume in {out} ({manifest} is missing)")
-    existing = [str(out / m.slug) for m in methods if (out / m.slug / "checkpoint.pt").is_file()]
-    if existing and not (config.resume or config.overwrite):
-        raise RunExistsError(
-            f"{out} already holds runs ({', '.join(existing)}): add --resume to continue "
-            "them, --overwrite to start afresh, or choose another --out / --name"
-        )
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     write_json(manifest, {"config": config_dict(config), "stable": stable_fields(config)})
     results: dict[str, Any] = {}
     evaluations: dict[str, Evaluation] = {}

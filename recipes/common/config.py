@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
 
 from recipes.common.env import resolve_device, resolve_dtype
 from recipes.common.methods import knob_options, parse_method
+from recipes.common.parallel import quiet_other_ranks
 
 __all__ = [
     "RunConfig",
@@ -49,9 +51,16 @@ def option(
     *,
     choices: Sequence[Any] | None = None,
     volatile: bool = False,
+    minimum: int | None = None,
 ) -> Any:
-    """A config field with its command-line help (and choices, volatility)."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "volatile": volatile}
+    """A config field with its command-line help (and choices, volatility, the smallest
+    value a count may take: ``minimum=1`` for a number of tasks, shots, steps...)."""
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "volatile": volatile,
+        "minimum": minimum,
+    }
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -82,9 +91,13 @@ class RunConfig:
         resolve_device(self.device)  # --device cuda without CUDA: a clear error at parse time
         resolve_dtype(self.dtype)
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be >= 0, got {value}")
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{flag} must be a finite number, got {value}")
+            if isinstance(value, int) and not isinstance(value, bool):
+                least = f.metadata.get("minimum") or 0
+                if value < least:
+                    raise ValueError(f"{flag} must be >= {least}, got {value}")
 
     @property
     def out_dir(self) -> str:
@@ -115,7 +128,7 @@ class TrainConfig(RunConfig):
         "meta-gradient up to float round-off)",
     )
     inner_lr: float = option(0.01, "inner gradient-descent step size")
-    steps: int = option(5, "inner steps K during meta-training")
+    steps: int = option(5, "inner steps K during meta-training", minimum=1)
     eval_every: int = option(100, "evaluate every this many meta-steps (0: only at the end)")
     checkpoint_every: int = option(
         100, "write a checkpoint every this many meta-steps (and at the end)", volatile=True
@@ -129,6 +142,12 @@ class TrainConfig(RunConfig):
     resume: bool = option(
         False,
         "continue from the run's checkpoint (same numbers as an uninterrupted run)",
+        volatile=True,
+    )
+    dist_timeout: float = option(
+        600.0,
+        "under torchrun: seconds a rank waits in a collective for the others before the job "
+        "stops with an error naming it",
         volatile=True,
     )
     overwrite: bool = option(
@@ -149,6 +168,8 @@ class TrainConfig(RunConfig):
             raise ValueError(
                 f"--outer-schedule {self.outer_schedule} needs --outer-decay-steps >= 1"
             )
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout must be > 0, got {self.dist_timeout}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
 
@@ -227,6 +248,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, description: str = ""
         config = cls(**values)
     except (ValueError, TypeError) as err:
         parser.error(str(err))
+    quiet_other_ranks()  # under torchrun, only rank 0 prints
     return config
 
 

@@ -11,13 +11,14 @@ can only be installed from the main thread; elsewhere this is a no-op flag.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-__all__ = ["StopFlag", "graceful_stop"]
+__all__ = ["StopFlag", "graceful_stop", "run_cli"]
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -57,3 +58,33 @@ def graceful_stop() -> Iterator[StopFlag]:
     finally:
         for restored, old in previous.items():
             signal.signal(restored, old)
+
+
+def run_cli(
+    prog: str,
+    main: Callable[[], Mapping[str, Any]],
+    interrupted: Callable[[Any], bool],
+    errors: tuple[type[BaseException], ...] = (),
+) -> None:
+    """A recipe's ``__main__``: run ``main`` and exit with a message, never a traceback, for
+    the errors a user causes: a bad or missing checkpoint (status 1; argparse's usage
+    errors exit 2 earlier) and Ctrl-C / a second SIGTERM outside the graceful stop (status
+    130; e.g. during the sine estimator study, which keeps no checkpoint); ``errors``: more
+    exception types answered with their message (status 1). Exit status 3:
+    ``interrupted(result)`` (a graceful stop; ``--resume`` continues).
+    """
+    from recipes.common.checkpoint import CheckpointError
+
+    try:
+        result = main()
+    except (FileNotFoundError, CheckpointError, *errors) as err:
+        sys.exit(f"{prog}: error: {err}")
+    except KeyboardInterrupt as err:
+        print(
+            f"{prog}: interrupted ({err or 'Ctrl-C'}); outputs already written are complete, "
+            "a meta-training run resumes from its last checkpoint with --resume, anything "
+            "else reruns from the start",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    sys.exit(3 if interrupted(result) else 0)

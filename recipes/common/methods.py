@@ -148,6 +148,17 @@ def parse_method(text: str) -> Method:
     runner = {k: values.pop(k) for k in RUNNER_KEYS if k in values}
     if runner.get("steps") is not None and runner["steps"] < 1:
         raise ValueError(f"{name}: steps must be >= 1, got {runner['steps']}")
+    label = runner.get("label")
+    if label is not None and (label.strip(".") == "" or any(c in label for c in "/\\")):
+        raise ValueError(
+            f"{name}: label={label!r} names the run's folder: use a plain name (no '/' or "
+            "'\\', not '.' or '..')"
+        )
+    if runner.get("flow") is not None:
+        try:
+            tmg.ODE(runner["flow"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name}: flow={runner['flow']}: {err}") from None
     if name in DIRECTIONS:
         if runner.get("flow") is not None:
             raise ValueError(f"{name}: flow= is only for meta-gradient rules")

@@ -5,6 +5,9 @@ one complete line written and flushed at once, and :func:`read_jsonl` skips a
 torn last line (a process killed mid-write). On resume the file is rewritten from
 the records saved in the checkpoint, so records after the checkpoint are not
 duplicated.
+
+Under ``torchrun`` only rank 0 writes (:func:`recipes.common.parallel.is_writer`): the other
+ranks hold the same values, and their writes here are skipped.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from recipes.common.parallel import is_writer
+
 __all__ = [
     "MetricsLog",
     "read_jsonl",
+    "remove_stale_temporaries",
     "training_time",
     "write_atomic",
     "write_csv",
@@ -34,27 +40,35 @@ class MetricsLog:
     """Append-only JSON-lines log of metric records.
 
     Args:
-        path: the ``.jsonl`` file.
+        path: the ``.jsonl`` file (``None``: keep the records in memory only, as the ranks
+            other than 0 do).
         records: records already logged (from a checkpoint); the file is rewritten
             to hold exactly these before new ones are appended.
     """
 
-    def __init__(self, path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]] = ()):
-        self.path = Path(path)
+    def __init__(
+        self, path: str | os.PathLike[str] | None, records: Sequence[Mapping[str, Any]] = ()
+    ):
+        self.path = Path(path) if path is not None else None
         self.records: list[dict[str, Any]] = [dict(r) for r in records]
-        write_text_atomic(self.path, "".join(_line(r) for r in self.records))
-        self._file: io.TextIOWrapper | None = self.path.open("a", encoding="utf-8")
+        self._file: io.TextIOWrapper | None = None
+        self._closed = False
+        if self.path is not None:
+            write_text_atomic(self.path, "".join(_line(r) for r in self.records))
+            self._file = self.path.open("a", encoding="utf-8")
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Log one record (written and flushed immediately)."""
-        self.records.append(dict(record))
-        if self._file is None:
+        if self._closed:
             raise ValueError(f"metrics log {self.path} is closed")
-        self._file.write(_line(record))
-        self._file.flush()
+        self.records.append(dict(record))
+        if self._file is not None:
+            self._file.write(_line(record))
+            self._file.flush()
 
     def close(self) -> None:
         """Flush to disk and close (idempotent)."""
+        self._closed = True
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -102,12 +116,16 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     """Call ``write(file)`` on a temporary file beside ``path``, fsync, then ``os.replace``.
 
     A process killed at any moment leaves either the old file or the new one, never a
-    torn one; the temporary file is removed if ``write`` fails.
+    torn one; the temporary file is removed if ``write`` fails. Under ``torchrun`` only
+    rank 0 writes.
     """
+    if not is_writer():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it (mkstemp: 0600)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -116,6 +134,29 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: Suffix of :func:`write_atomic`'s temporary files (``.<name>.<random>.tmp``).
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files a process killed mid-write (SIGKILL, power loss) left in
+    ``folder`` (``.<name>.<random>.tmp`` beside ``<name>``); returns them. Called when a
+    run starts (one writer per folder), never while another process writes there."""
+    removed = []
+    if is_writer() and Path(folder).is_dir():
+        for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from recipes.common.metrics import write_atomic
 
 __all__ = ["Curve", "plot_curves"]
 
@@ -25,7 +28,8 @@ def plot_curves(
     """Plot labelled curves (with +-1 std bands where given) into a PNG at ``path``.
 
     Matplotlib is imported here and forced onto the non-interactive Agg backend, so
-    this works without a display and never opens a window.
+    this works without a display and never opens a window. The file is written
+    atomically (a kill mid-write leaves the old plot or the new one).
     """
     import matplotlib
 
@@ -53,8 +57,9 @@ def plot_curves(
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        image = io.BytesIO()
+        fig.savefig(image, format="png")
+        write_atomic(path, lambda f: f.write(image.getvalue()))  # rank 0 only, never torn
     finally:
         plt.close(fig)
     return path

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from recipes.common.parallel import is_writer
+
 __all__ = ["NullBar", "progress_bar"]
 
 
@@ -30,9 +32,10 @@ class NullBar:
 def progress_bar(enabled: bool, *, total: int, initial: int = 0, desc: str = "") -> Any:
     """A tqdm bar on stderr (``enabled``), else a :class:`NullBar`.
 
-    tqdm is imported only when a bar is shown, so quiet runs (tests) do not need it.
+    tqdm is imported only when a bar is shown, so quiet runs (tests) do not need it. Under
+    ``torchrun`` only rank 0 shows bars.
     """
-    if not enabled:
+    if not enabled or not is_writer():
         return NullBar()
     from tqdm.auto import tqdm
 

@@ -9,10 +9,20 @@ step size, ANIL's adapt list; :mod:`recipes.common.inner`) come from the config 
 is an :class:`~recipes.common.inner.InnerConfig`: the learned rates join the network in
 the outer optimizer, in every ``tmg.adapt`` call, in the checkpoints and in evaluation.
 
-Resume gives bit-identical numbers on CPU: the checkpoint holds the model, the learned
-rates, Adam's state, every random state (Python, torch, and the task generator), the step counter
-and the records so far; task sampling uses only the task generator, and evaluation
-uses generators of its own, so nothing else advances a random stream.
+Tasks: task ``i`` of the global meta-batch of meta-step ``s`` is drawn by
+``problem.sample_tasks(generator, 1)`` from a generator seeded with
+``tmg.distributed.task_seed(seed, s, i)``. The meta-batch is a function of ``(seed, s)``
+alone, not of a stream carried from step to step or of the number of processes: under
+``torchrun`` (:mod:`recipes.common.parallel`) each rank draws only its own indices, the
+union is the single-process meta-batch, and a checkpoint resumes on any number of ranks.
+(Before this, one generator drew every meta-batch in turn; runs from then are refused by
+the checkpoint format.) Tasks within a meta-batch are independent draws.
+
+Resume gives bit-identical numbers on CPU in one process: the checkpoint holds the model,
+the learned rates, Adam's state, the Python and torch random states, the step counter and
+the records so far; evaluation uses generators of its own, so nothing else advances a
+random stream. Across world sizes the numbers agree to float round-off (the ranks' shares
+of the meta-gradient are summed in another order).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+import torchopt_metagrad as tmg
 from recipes.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from recipes.common.config import TrainConfig, stable_fields
 from recipes.common.env import (
@@ -40,11 +51,20 @@ from recipes.common.env import (
 from recipes.common.inner import InnerParams, check_method, inner_options
 from recipes.common.interrupt import StopFlag, graceful_stop
 from recipes.common.methods import Method, MetricFn, batched_direction, task_direction
-from recipes.common.metrics import MetricsLog
+from recipes.common.metrics import MetricsLog, remove_stale_temporaries
 from recipes.common.outer import make_optimizer, outer_lr_at, set_outer_lr
+from recipes.common.parallel import (
+    gather_stats,
+    is_writer,
+    join,
+    on_rank0,
+    rank_context,
+    reduce_meta_gradients,
+)
 from recipes.common.progress import progress_bar
+from torchopt_metagrad.distributed import RankInfo
 
-__all__ = ["Callback", "MetaProblem", "RunExistsError", "RunResult", "train"]
+__all__ = ["Callback", "MetaProblem", "RunExistsError", "RunResult", "check_start", "train"]
 
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
 Task = tuple[Any, Any]
@@ -137,51 +157,54 @@ def train(
     """
     start_time = time.perf_counter()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype)
+    info = join(device, config.dist_timeout)
+    tmg.distributed.share(config.meta_batch, info)  # every rank needs a task: a clear error
     steps = method.steps or config.steps
     learn_lr, anil, inner_opt = inner_options(config)
     check_method(method, learn_lr, anil, steps, inner_opt)
-    if not config.resume:
-        _refuse_existing(ckpt_path, config)
-    identity = {
-        "recipe": recipe,
-        "config": _identity_config(config),
-        "method": method.spec,
-    }
+    identity = _identity(recipe, method, config)
 
+    def start() -> dict[str, Any] | None:
+        """Rank 0 decides: refuse an existing run, or read the checkpoint to resume."""
+        state = check_start(recipe, method, config, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)
+        if config.overwrite:
+            ckpt_path.unlink(missing_ok=True)
+        return state
+
+    state = on_rank0(info, start)
     seed_everything(config.seed)
     model = problem.make_model().to(device=device, dtype=dtype)
     inner = InnerParams.build(
         model, learn_lr=learn_lr, anil=anil, steps=steps, lr=config.inner_lr, optimizer=inner_opt
     )
-    optimizer = make_optimizer(config, [*model.parameters(), *inner.parameters()])
-    generators = {"tasks": torch.Generator().manual_seed(config.seed + 1)}
+    meta_params = [*model.parameters(), *inner.parameters()]
+    optimizer = make_optimizer(config, meta_params)
     step, records = 0, []
-    if config.resume:
-        # On CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        state = load_checkpoint(ckpt_path, map_location="cpu")
-        _check_same_run(state, identity, ckpt_path, _defaults(config))
-        model.load_state_dict(state["model"])
-        try:
-            inner.load_state_dict(state.get("inner", {}))
-        except ValueError as err:
-            raise CheckpointError(f"checkpoint {ckpt_path}: {err}") from None
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], generators)
+    if state is not None:
+        _restore(state, model, inner, optimizer, ckpt_path)
         step, records = int(state["step"]), list(state["records"])
         if step > config.meta_steps:
             raise CheckpointError(
                 f"checkpoint {ckpt_path} is at meta-step {step}, past --meta-steps "
                 f"{config.meta_steps}"
             )
-        print(f"{recipe}: {desc or method.display}: resumed from step {step} ({run_dir})")
+        _say(f"{recipe}: {desc or method.display}: resumed from step {step} ({run_dir})")
     else:
-        print(f"{recipe}: {desc or method.display}: writing to {run_dir}")
+        _say(f"{recipe}: {desc or method.display}: writing to {run_dir}")
+    if info.world_size > 1:
+        _say(
+            f"{recipe}: {info.world_size} processes, meta-batch {config.meta_batch} split "
+            f"{[tmg.distributed.share(config.meta_batch, RankInfo(r, info.world_size, r, device)) for r in range(info.world_size)]}"  # noqa: E501
+        )
 
     def checkpoint() -> None:
+        if not is_writer():
+            return
         save_checkpoint(
             ckpt_path,
             {
@@ -190,7 +213,7 @@ def train(
                 "model": model.state_dict(),
                 "inner": inner.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "rng": get_rng_state(generators),
+                "rng": get_rng_state({}),
                 "records": log.records,
             },
         )
@@ -201,28 +224,37 @@ def train(
     batched = config.vmap_tasks and method.is_rule and method.flow is None
     first = step
     interrupted = False
-    log = MetricsLog(run_dir / "metrics.jsonl", records)
+    at = [step + 1]  # the meta-step under way, for errors on one rank of many
+    log = MetricsLog(run_dir / "metrics.jsonl" if is_writer() else None, records)
     try:
-        if not config.resume:
+        if state is None:
             checkpoint()  # step 0: there is always a last checkpoint to go back to
         with (
             graceful_stop() as stop,
             progress_bar(
                 config.progress, total=config.meta_steps, initial=step, desc=desc or method.display
             ) as bar,
+            rank_context(info, lambda: at[0]),
         ):
             while step < config.meta_steps:
-                tasks = problem.sample_tasks(generators["tasks"], config.meta_batch)
+                at[0] = step + 1
+                tasks = _sample(problem, config, step, info)
                 set_outer_lr(optimizer, outer_lr_at(config, step))
                 step_start = time.perf_counter()
-                record = _meta_step(
+                sums = _meta_step(
                     model, inner, optimizer, rule, method, loss_fn, tasks, steps, device, dtype,
-                    metric_fn=metric_fn, batched=batched,
+                    metric_fn=metric_fn, batched=batched, info=info, global_batch=config.meta_batch,
+                    step=step + 1,
                 )  # fmt: skip
                 step += 1
-                record = {"step": step, **record}
-                record["step_time_s"] = round(time.perf_counter() - step_start, 4)
                 last = step == config.meta_steps
+                if config.stop_after and step - first >= config.stop_after and not last:
+                    stop.request("--stop-after")
+                means, stopping = gather_stats(info, sums, len(tasks), stop.requested, step)
+                if stopping:
+                    stop.request("another rank")
+                record = {"step": step, **_record(means), **inner.stats()}
+                record["step_time_s"] = round(time.perf_counter() - step_start, 4)
                 if (config.eval_every and step % config.eval_every == 0) or last:
                     record.update(
                         {f"eval/{k}": v for k, v in problem.evaluate(model, inner).items()}
@@ -233,8 +265,6 @@ def train(
                 bar.set_postfix(loss=f"{record['train/query_loss']:.4g}")
                 for callback in callbacks:
                     callback(step, record, stop)
-                if config.stop_after and step - first >= config.stop_after and not last:
-                    stop.request("--stop-after")
                 due = config.checkpoint_every and step % config.checkpoint_every == 0
                 if due or last or stop.requested:
                     checkpoint()
@@ -255,6 +285,39 @@ def train(
     )
 
 
+def _say(text: str) -> None:
+    if is_writer():
+        print(text, flush=True)
+
+
+def _restore(
+    state: dict[str, Any],
+    model: nn.Module,
+    inner: InnerParams,
+    optimizer: torch.optim.Optimizer,
+    path: Path,
+) -> None:
+    """Load a checkpoint's model, rates, optimizer and random states; a mismatch (other
+    shapes, missing entries) is a :class:`CheckpointError` naming the file."""
+    try:
+        model.load_state_dict(state["model"])
+        inner.load_state_dict(state.get("inner", {}))
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], {})
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        text = " ".join(str(err).split())[:400] or type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this run's model or optimizer ({text}); "
+            "use another --out or --overwrite"
+        ) from None
+
+
+def _sample(problem: MetaProblem, config: TrainConfig, step: int, info: RankInfo) -> list[Task]:
+    """This rank's tasks of meta-step ``step``: one generator per global task index."""
+    seeds = tmg.distributed.meta_batch_seeds(config.seed, step, config.meta_batch, info)
+    return [problem.sample_tasks(torch.Generator().manual_seed(s), 1)[0] for s in seeds]
+
+
 def _meta_step(
     model: nn.Module,
     inner: InnerParams,
@@ -269,41 +332,76 @@ def _meta_step(
     *,
     metric_fn: MetricFn | None = None,
     batched: bool = False,
+    info: RankInfo,
+    global_batch: int,
+    step: int,
 ) -> dict[str, float]:
-    """One outer step: every task adds ``1/n`` of its direction to ``.grad``; the outer
-    optimizer steps. ``batched``: all tasks at once under ``torch.func.vmap``."""
+    """One outer step: every task adds ``1/global_batch`` of its direction to ``.grad``, the
+    ranks' sums are added (one all-reduce), the outer optimizer steps. ``batched``: this
+    rank's tasks at once under ``torch.func.vmap``. Returns ``{name: sum over this rank's
+    tasks}`` of the query loss, the metrics and the rule diagnostics."""
     optimizer.zero_grad(set_to_none=False)
-    for p in [*model.parameters(), *inner.parameters()]:
+    meta_params = [*model.parameters(), *inner.parameters()]
+    for p in meta_params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     params = dict(model.named_parameters())
     tasks = [_to(task, device, dtype) for task in tasks]
-    kwargs = {"steps": steps, "scale": 1.0 / len(tasks), "metric_fn": metric_fn}
+    kwargs = {"steps": steps, "scale": 1.0 / global_batch, "metric_fn": metric_fn}
     kwargs.update(inner.adapt_kwargs())
     if batched:
         stats = [batched_direction(method, rule, loss_fn, params, tasks, **kwargs)]
+        weights = [float(len(tasks))]
     else:
         stats = [task_direction(method, rule, loss_fn, params, t, **kwargs) for t in tasks]
+        weights = [1.0] * len(tasks)
+    reduce_meta_gradients(info, meta_params, step)
     optimizer.step()
-    record = {"train/query_loss": _mean([s.query_loss for s in stats])}
+    sums = {"train/query_loss": sum(w * s.query_loss for s, w in zip(stats, weights, strict=True))}
     for name in ("metrics", "extras"):
         keys = dict.fromkeys(k for s in stats for k in getattr(s, name))
         for k in keys:
-            mean = sum(getattr(s, name).get(k, 0.0) for s in stats) / len(stats)
-            record[f"train/{k}" if name == "metrics" else k] = mean
-    return {**record, **inner.stats()}
+            total = sum(
+                w * getattr(s, name).get(k, 0.0) for s, w in zip(stats, weights, strict=True)
+            )
+            sums[f"train/{k}" if name == "metrics" else k] = total
+    return sums
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def _record(means: dict[str, float]) -> dict[str, float]:
+    """Query loss first, then the rest in the order the ranks reported them."""
+    return {"train/query_loss": means["train/query_loss"], **means}
+
+
+def check_start(
+    recipe: str, method: Method, config: TrainConfig, run_dir: str | Path
+) -> dict[str, Any] | None:
+    """What :func:`train` checks before it writes anything: a run already in ``run_dir``
+    is refused without ``--resume`` / ``--overwrite``; with ``--resume`` the checkpoint
+    must exist, be intact and come from the same settings. Returns that checkpoint (or
+    ``None`` for a fresh start). Recipes call it before writing their own files, so a
+    refused command leaves the folder as it was.
+
+    Raises:
+        RunExistsError, FileNotFoundError, CheckpointError: as :func:`train`.
+    """
+    ckpt_path = Path(run_dir) / "checkpoint.pt"
+    if not config.resume:
+        _refuse_existing(ckpt_path, config)
+        return None
+    # On CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+    state = load_checkpoint(ckpt_path, map_location="cpu")
+    _check_same_run(state, _identity(recipe, method, config), ckpt_path, _defaults(config))
+    return state
+
+
+def _identity(recipe: str, method: Method, config: TrainConfig) -> dict[str, Any]:
+    return {"recipe": recipe, "config": _identity_config(config), "method": method.spec}
 
 
 def _refuse_existing(ckpt_path: Path, config: TrainConfig) -> None:
     """A folder that holds a run is not silently overwritten."""
-    if not ckpt_path.is_file():
-        return
-    if config.overwrite:
-        ckpt_path.unlink()
+    if not ckpt_path.is_file() or config.overwrite:
         return
     try:
         step = f"at meta-step {int(load_checkpoint(ckpt_path)['step'])}"
@@ -325,7 +423,9 @@ def _to(tree: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 
 def _identity_config(config: TrainConfig) -> dict[str, Any]:
-    return stable_fields(config)
+    """The fields that fix a run's numbers, with the device as the kind it resolves to
+    (``--device auto`` on a CPU machine is ``cpu``)."""
+    return {**stable_fields(config), "device": resolve_device(config.device).type}
 
 
 def _defaults(config: TrainConfig) -> dict[str, Any]:

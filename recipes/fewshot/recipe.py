@@ -98,7 +98,7 @@ class FewshotConfig(InnerConfig):
     meta_batch: int = option(4, "tasks per meta-batch")
     eval_every: int = option(500, "meta-val accuracy every this many meta-steps")
     checkpoint_every: int = option(500, "checkpoint every this many meta-steps", volatile=True)
-    val_tasks: int = option(100, "fixed meta-val episodes of the periodic validation")
+    val_tasks: int = option(100, "fixed meta-val episodes of the periodic validation", minimum=1)
     test_tasks: int = option(600, "fixed meta-test episodes of the final test")
     test_steps: int = option(10, "adaptation steps at meta-val / meta-test time")
     eval_chunk: int = option(25, "episodes adapted together in evaluation", volatile=True)

@@ -81,9 +81,9 @@ class Regression2DConfig(TrainConfig):
     methods: tuple[str, ...] = option(
         (), "methods to compare, name[:key=value,...] (empty: the paper's six)"
     )
-    train_tasks: int = option(100, "meta-training task pool")
-    test_tasks: int = option(100, "new tasks for the meta-test")
-    test_query: int = option(100, "held-out examples per test task")
+    train_tasks: int = option(100, "meta-training task pool", minimum=1)
+    test_tasks: int = option(100, "new tasks for the meta-test", minimum=1)
+    test_query: int = option(100, "held-out examples per test task", minimum=1)
     test_steps: tuple[int, ...] = option(
         (0, 10, 20, 50, 100, 200, 500, 1000), "test-time adaptation steps to report"
     )

@@ -31,14 +31,19 @@ from typing import Any, ClassVar
 
 import torch
 
-from recipes.common.compare import Evaluation, compare, parse_methods
+from recipes.common.compare import Evaluation, check_study, compare, parse_methods
 from recipes.common.config import config_dict, option, parse_config
 from recipes.common.env import cpu_threads, resolve_device, resolve_dtype
 from recipes.common.inner import InnerConfig, InnerParams, check_method
 from recipes.common.methods import Method, parse_method
-from recipes.common.metrics import training_time, write_csv, write_json
+from recipes.common.metrics import (
+    remove_stale_temporaries,
+    training_time,
+    write_csv,
+    write_json,
+)
 from recipes.common.plotting import plot_curves
-from recipes.common.runner import Callback, RunResult, train
+from recipes.common.runner import Callback, RunResult, check_start, train
 from recipes.common.tables import markdown_table
 from recipes.sine.study import StudySettings, format_study, run_study
 from recipes.sine.study_seeds import format_seeds, run_seeds
@@ -68,12 +73,12 @@ class SineConfig(InnerConfig):
     }
 
     mode: str = option("study", "what to run", choices=("study", "train", "both"), volatile=True)
-    shots: int = option(10, "support points per task")
-    query_shots: int = option(10, "query points per task")
+    shots: int = option(10, "support points per task", minimum=1)
+    query_shots: int = option(10, "query points per task", minimum=1)
     # (a) the estimator study
-    study_steps: int = option(5, "study: inner steps K", volatile=True)
+    study_steps: int = option(5, "study: inner steps K", volatile=True, minimum=1)
     study_lr: float = option(0.003, "study: inner step size", volatile=True)
-    study_tasks: int = option(20, "study: tasks averaged over", volatile=True)
+    study_tasks: int = option(20, "study: tasks averaged over", volatile=True, minimum=1)
     study_seeds: int = option(
         1,
         "study: run it for this many seeds (--seed, --seed+1, ...; each a new initialization "
@@ -102,12 +107,12 @@ class SineConfig(InnerConfig):
         "float round-off; methods that cannot, reptile and flow=, run the loop; "
         "benchmarks/results_tasks_cpu.md has the speed-up)",
     )
-    steps: int = option(5, "train: inner steps K")
+    steps: int = option(5, "train: inner steps K", minimum=1)
     eval_every: int = option(1000, "train: evaluate every this many meta-steps")
     checkpoint_every: int = option(
         1000, "train: checkpoint every this many meta-steps", volatile=True
     )
-    test_tasks: int = option(100, "train: held-out tasks for the meta-test loss")
+    test_tasks: int = option(100, "train: held-out tasks for the meta-test loss", minimum=1)
     test_steps: int = option(10, "train: the meta-test curve goes to this many adaptation steps")
 
     def __post_init__(self) -> None:
@@ -119,6 +124,8 @@ class SineConfig(InnerConfig):
             raise ValueError(f"--study-seeds must be >= 1, got {self.study_seeds}")
         if self.power_iters < 1:
             raise ValueError(f"--power-iters must be >= 1, got {self.power_iters}")
+        if not self.study_lr > 0:
+            raise ValueError(f"--study-lr must be > 0, got {self.study_lr}")
 
 
 def main(
@@ -137,7 +144,16 @@ def main(
 
 def _run(config: SineConfig, callbacks: Sequence[Callback]) -> dict[str, Any]:
     out = Path(config.out_dir)
+    if config.mode in ("train", "both"):  # a refused run leaves the folder as it was
+        if config.methods:
+            check_study(
+                parse_methods(config.methods, config.steps), config, out / "train", recipe="sine"
+            )
+        else:
+            check_start("sine", parse_method(config.rule), config, out / "train")
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "study"):
+        remove_stale_temporaries(folder)
     write_json(out / "config.json", config_dict(config))
     result: dict[str, Any] = {}
     if config.mode in ("study", "both"):
@@ -185,7 +201,7 @@ def _compare(config: SineConfig, out: Path, callbacks: Sequence[Callback]) -> di
     """``--methods``: every method through the shared comparison, ranked by the meta-test
     MSE after K adaptation steps."""
     problem = _problem(config, config.steps)
-    steps = sorted({0, 1, config.steps, config.test_steps})
+    steps = sorted({0, 1, min(config.steps, config.test_steps), config.test_steps})
 
     def evaluate(method: Method, run: RunResult) -> Evaluation:
         k = method.steps or config.steps
