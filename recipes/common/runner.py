@@ -27,7 +27,6 @@ of the meta-gradient are summed in another order).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,14 +38,13 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 import torchopt_metagrad as tmg
-from recipes.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from recipes.common.config import TrainConfig, stable_fields
+from recipes.common.checkpoint import CheckpointError, save_checkpoint
+from recipes.common.config import TrainConfig
 from recipes.common.env import (
     get_rng_state,
     resolve_device,
     resolve_dtype,
     seed_everything,
-    set_rng_state,
 )
 from recipes.common.inner import InnerParams, check_method, inner_options
 from recipes.common.interrupt import StopFlag, graceful_stop
@@ -62,6 +60,8 @@ from recipes.common.parallel import (
     reduce_meta_gradients,
 )
 from recipes.common.progress import progress_bar
+from recipes.common.resume import RunExistsError, check_start, restore
+from recipes.common.resume import identity as run_identity
 from torchopt_metagrad.distributed import RankInfo
 
 __all__ = ["Callback", "MetaProblem", "RunExistsError", "RunResult", "check_start", "train"]
@@ -89,11 +89,6 @@ class MetaProblem(Protocol):
         """Periodic evaluation of the current initialization (deterministic), adapting
         with ``inner``'s step size and adapt list."""
         ...
-
-
-class RunExistsError(CheckpointError):
-    """The output folder already holds a run, and neither ``--resume`` nor
-    ``--overwrite`` was given."""
 
 
 def metric_fn_of(problem: MetaProblem, model: nn.Module) -> MetricFn | None:
@@ -165,7 +160,7 @@ def train(
     steps = method.steps or config.steps
     learn_lr, anil, inner_opt = inner_options(config)
     check_method(method, learn_lr, anil, steps, inner_opt)
-    identity = _identity(recipe, method, config)
+    identity = run_identity(recipe, method, config)
 
     def start() -> dict[str, Any] | None:
         """Rank 0 decides: refuse an existing run, or read the checkpoint to resume."""
@@ -186,7 +181,7 @@ def train(
     optimizer = make_optimizer(config, meta_params)
     step, records = 0, []
     if state is not None:
-        _restore(state, model, inner, optimizer, ckpt_path)
+        restore(state, model, inner, optimizer, ckpt_path)
         step, records = int(state["step"]), list(state["records"])
         if step > config.meta_steps:
             raise CheckpointError(
@@ -290,28 +285,6 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
-def _restore(
-    state: dict[str, Any],
-    model: nn.Module,
-    inner: InnerParams,
-    optimizer: torch.optim.Optimizer,
-    path: Path,
-) -> None:
-    """Load a checkpoint's model, rates, optimizer and random states; a mismatch (other
-    shapes, missing entries) is a :class:`CheckpointError` naming the file."""
-    try:
-        model.load_state_dict(state["model"])
-        inner.load_state_dict(state.get("inner", {}))
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], {})
-    except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        text = " ".join(str(err).split())[:400] or type(err).__name__
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this run's model or optimizer ({text}); "
-            "use another --out or --overwrite"
-        ) from None
-
-
 def _sample(problem: MetaProblem, config: TrainConfig, step: int, info: RankInfo) -> list[Task]:
     """This rank's tasks of meta-step ``step``: one generator per global task index."""
     seeds = tmg.distributed.meta_batch_seeds(config.seed, step, config.meta_batch, info)
@@ -373,46 +346,6 @@ def _record(means: dict[str, float]) -> dict[str, float]:
     return {"train/query_loss": means["train/query_loss"], **means}
 
 
-def check_start(
-    recipe: str, method: Method, config: TrainConfig, run_dir: str | Path
-) -> dict[str, Any] | None:
-    """What :func:`train` checks before it writes anything: a run already in ``run_dir``
-    is refused without ``--resume`` / ``--overwrite``; with ``--resume`` the checkpoint
-    must exist, be intact and come from the same settings. Returns that checkpoint (or
-    ``None`` for a fresh start). Recipes call it before writing their own files, so a
-    refused command leaves the folder as it was.
-
-    Raises:
-        RunExistsError, FileNotFoundError, CheckpointError: as :func:`train`.
-    """
-    ckpt_path = Path(run_dir) / "checkpoint.pt"
-    if not config.resume:
-        _refuse_existing(ckpt_path, config)
-        return None
-    # On CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
-    state = load_checkpoint(ckpt_path, map_location="cpu")
-    _check_same_run(state, _identity(recipe, method, config), ckpt_path, _defaults(config))
-    return state
-
-
-def _identity(recipe: str, method: Method, config: TrainConfig) -> dict[str, Any]:
-    return {"recipe": recipe, "config": _identity_config(config), "method": method.spec}
-
-
-def _refuse_existing(ckpt_path: Path, config: TrainConfig) -> None:
-    """A folder that holds a run is not silently overwritten."""
-    if not ckpt_path.is_file() or config.overwrite:
-        return
-    try:
-        step = f"at meta-step {int(load_checkpoint(ckpt_path)['step'])}"
-    except (CheckpointError, KeyError, ValueError):
-        step = "unreadable"
-    raise RunExistsError(
-        f"{ckpt_path.parent} already holds a run ({step}): add --resume to continue it, "
-        "--overwrite to start it afresh, or choose another --out / --name"
-    )
-
-
 def _to(tree: Any, device: torch.device, dtype: torch.dtype) -> Any:
     def move(x: Any) -> Any:
         if isinstance(x, Tensor):
@@ -420,40 +353,3 @@ def _to(tree: Any, device: torch.device, dtype: torch.dtype) -> Any:
         return x
 
     return pytree.tree_map(move, tree)
-
-
-def _identity_config(config: TrainConfig) -> dict[str, Any]:
-    """The fields that fix a run's numbers, with the device as the kind it resolves to
-    (``--device auto`` on a CPU machine is ``cpu``)."""
-    return {**stable_fields(config), "device": resolve_device(config.device).type}
-
-
-def _defaults(config: TrainConfig) -> dict[str, Any]:
-    return {
-        f.name: list(f.default) if isinstance(f.default, tuple) else f.default
-        for f in dataclasses.fields(config)
-        if f.default is not dataclasses.MISSING
-    }
-
-
-def _check_same_run(
-    state: dict[str, Any], identity: dict[str, Any], path: Path, defaults: dict[str, Any]
-) -> None:
-    """Refuse a checkpoint written with other settings. An option the checkpoint does not
-    record (added to the recipe after it was written) matches its default value."""
-    diffs = []
-    for key in ("recipe", "method"):
-        if state[key] != identity[key]:
-            diffs.append(f"{key}: checkpoint {state[key]!r}, now {identity[key]!r}")
-    old, new = state["config"], identity["config"]
-    old = {**{k: v for k, v in defaults.items() if k in new and k not in old}, **old}
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            diffs.append(
-                f"--{key.replace('_', '-')}: checkpoint {old.get(key)!r}, now {new.get(key)!r}"
-            )
-    if diffs:
-        raise CheckpointError(
-            f"checkpoint {path} was written by a run with other settings; resume with the "
-            "same settings or use another --out:\n  " + "\n  ".join(diffs)
-        )
