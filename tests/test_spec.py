@@ -171,7 +171,14 @@ def test_rule_knobs_are_the_dataclass_fields_with_their_types():
         "memory": int | Literal["auto"] | None,
         "hessian_scale": Literal["paper", "code"],
     }
-    assert tmg.rule_knobs(tmg.ImplicitCG) == {"reg": float, "maxiter": int, "tol": float}
+    assert tmg.rule_knobs(tmg.ImplicitCG) == {
+        "reg": float,
+        "maxiter": int,
+        "tol": float,
+        "solver": Literal["minres", "cg", "normal_cg"],
+        "x0": Literal["zero", "rhs"],
+        "inner_tol": float | None,
+    }
     assert tmg.rule_knobs("exact") == {"snapshots": int | None}
     assert tmg.rule_knobs("first_order") == {}
 

@@ -11,6 +11,7 @@ Usage::
 
 from torchopt_metagrad import diagnostics, distributed, rules
 from torchopt_metagrad._core.ode import ODE
+from torchopt_metagrad.custom_root import custom_root
 from torchopt_metagrad.errors import (
     NonFiniteError,
     ODESolveError,
@@ -45,6 +46,7 @@ __all__ = [
     "VectorizationFallbackWarning",
     "adapt",
     "adjoint",
+    "custom_root",
     "diagnostics",
     "distributed",
     "flow",

@@ -171,7 +171,8 @@ def implicit(
             phi = _flatten_output(out, spec, "solver").detach()
             loss = StepLoss(flat_loss(loss_fn, spec), batch, batchable=True)
             meta = closed_meta(loss, phi, rule)
-            record = Record.of_states(spec, phi[None], loss, meta=meta)
+            theta = spec.flatten([anchor[k] for k in spec.names])
+            record = Record.of_states(spec, phi[None], loss, meta=meta, anchor=theta)
             outputs = Link.apply(record, rule, "tmg.implicit", *params.values(), *meta.tensors)
             return dict(zip(spec.names, outputs, strict=True))
 
@@ -273,12 +274,37 @@ def _offers(name: str, *, flow_samples: bool, proximal: bool = False) -> Offers:
 
 
 def _flatten_output(out: Any, spec: FlatSpec, what: str) -> Tensor:
-    if not isinstance(out, Mapping) or set(out) != set(spec.names):
-        raise ValueError(f"{what} must return a dict with the keys of params: {list(spec.names)}")
-    for k in spec.names:
-        if not isinstance(out[k], Tensor) or out[k].shape != spec.shapes[spec.names.index(k)]:
-            raise ValueError(f"{what}[{k!r}] must be a tensor shaped like params[{k!r}]")
-    return torch.cat([out[k].reshape(-1).to(spec.dtype) for k in spec.names])
+    """The flat vector of a solver's (or dynamics') output, checked against ``params``:
+    the same keys, and each value a finite tensor of the parameter's shape, dtype and
+    device (nothing is reshaped, cast or moved silently)."""
+    if not isinstance(out, Mapping):
+        raise TypeError(
+            f"{what} must return a dict with the keys of params {list(spec.names)}, got "
+            f"{type(out).__name__}"
+        )
+    missing = [k for k in spec.names if k not in out]
+    extra = [k for k in out if k not in spec.names]
+    if missing or extra:
+        raise ValueError(
+            f"{what} must return a dict with the keys of params: missing {missing}, "
+            f"unexpected {extra}"
+        )
+    for k, shape in zip(spec.names, spec.shapes, strict=True):
+        t = out[k]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what}[{k!r}] must be a tensor, got {type(t).__name__}")
+        if t.shape != shape:
+            raise ValueError(
+                f"{what}[{k!r}] has shape {tuple(t.shape)} but params[{k!r}] has {tuple(shape)}"
+            )
+        if t.dtype != spec.dtype or t.device != spec.device:
+            raise TypeError(
+                f"{what}[{k!r}] is {t.dtype} on {t.device} but params[{k!r}] is "
+                f"{spec.dtype} on {spec.device}"
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{what}[{k!r}] is not finite")
+    return torch.cat([out[k].reshape(-1) for k in spec.names])
 
 
 def _check_scalar(loss: Any) -> None:

@@ -103,6 +103,11 @@ class RecordProtocol(Protocol):
         """``H v`` at arbitrary flat ``params``, with the inner loss of step ``k``."""
         ...
 
+    def stationarity(self, reg: float) -> tuple[float, float] | None:
+        """``(||grad F(phi_K)||, ||grad F(phi_0)||)`` for the proximal inner objective
+        ``F = l + reg/2 ||phi - theta||^2``; ``None`` when it cannot be recomputed."""
+        ...
+
     def vector_field(self, params: Tensor, *, create_graph: bool = ...) -> Tensor:
         """The gradient-flow vector field ``-grad l(params)`` (one inner objective)."""
         ...

@@ -98,6 +98,8 @@ class Record(MetaProducts):
             closed-over leaves); the rules differentiate them too.
         chain: the inner loop whose successive records share kept graphs (the module
             front end), else ``None``; see :meth:`blocked`.
+        anchor: the proximal anchor ``theta`` (flat) of a user's solver (``tmg.implicit``);
+            ``None``: the step map's, if it has one.
         products: the step/Hessian-vector products asked of it so far (``RuleReport``).
     """
 
@@ -116,6 +118,7 @@ class Record(MetaProducts):
     chain: object | None = None
     _segment: dict[int, Tensor] = dataclasses.field(default_factory=dict, repr=False)
     products: int = 0
+    anchor: Tensor | None = None
 
     @classmethod
     def of_states(
@@ -127,6 +130,7 @@ class Record(MetaProducts):
         time_step: float | None = None,
         solver: Any = None,
         meta: Meta | None = None,
+        anchor: Tensor | None = None,
     ) -> Record:
         """The record of a flow (or a solver's answer): states ``u_0..u_N`` (rows), one loss."""
         n = states.shape[0] - 1
@@ -142,6 +146,7 @@ class Record(MetaProducts):
             time_step=time_step,
             solver=solver,
             meta=Meta() if meta is None else meta,
+            anchor=anchor,
         )
 
     # -- saving: snapshots go through save_for_backward so autograd frees them ----------
@@ -150,6 +155,9 @@ class Record(MetaProducts):
         empty = torch.empty(0)
         taken = [e.z for e in self.entries if isinstance(e, Snapshot) and e.z is not None]
         taken.append(self.final)
+        if self.anchor is not None:
+            taken.append(self.anchor)
+            self.anchor = empty
         self.entries = [
             dataclasses.replace(e, z=empty) if isinstance(e, Snapshot) and e.z is not None else e
             for e in self.entries
@@ -168,6 +176,8 @@ class Record(MetaProducts):
             for e in self.entries
         ]
         self.final = next(it)
+        if self.anchor is not None:
+            self.anchor = next(it)
 
     # -- what the one autograd node uses ----------------------------------------------------
     def outputs(self) -> tuple[Tensor, ...]:
@@ -360,6 +370,22 @@ class Record(MetaProducts):
     def hvp_at(self, params: Tensor, v: Tensor, *, k: int = 0) -> Tensor:
         self.products += 1
         return engine.hvp(_constant(self._loss(k)), params, v)
+
+    def stationarity(self, reg: float) -> tuple[float, float] | None:
+        """Norms of the proximal inner objective's gradient ``grad l + reg (phi - theta)``
+        at the final params and at ``theta`` (the inner loop's start), with the last step's
+        loss; ``None`` when the anchor ``theta`` or that loss is not known."""
+        anchor = self.anchor if self.anchor is not None else getattr(self.step_map, "_anchor", None)
+        if anchor is None or self.final_loss is None:
+            return None
+        loss = _constant(self.final_loss)
+        norms = []
+        for point in (self.final[: self.param_dim], anchor):
+            with torch.enable_grad():
+                leaf = point.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(loss(leaf), leaf)
+            norms.append(float((grad + reg * (point - anchor)).norm()))
+        return norms[0], norms[1]
 
     def vector_field(self, params: Tensor, *, create_graph: bool = False) -> Tensor:
         loss = _constant(self._loss(0))

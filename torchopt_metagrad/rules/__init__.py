@@ -19,7 +19,7 @@ from torchopt_metagrad.rules.base import (
 )
 from torchopt_metagrad.rules.binomial import Binomial, BinomialInfo
 from torchopt_metagrad.rules.first_order import FirstOrder
-from torchopt_metagrad.rules.implicit import CGInfo, ImplicitCG
+from torchopt_metagrad.rules.implicit import CGInfo, ImplicitCG, TorchoptSolve
 from torchopt_metagrad.rules.neumann import ImplicitNeumann, NeumannInfo
 from torchopt_metagrad.rules.truncated import Exact, Truncated
 from torchopt_metagrad.rules.unrolled import Unrolled
@@ -40,6 +40,7 @@ __all__ = [
     "ImplicitNeumann",
     "NeumannInfo",
     "StepProductRule",
+    "TorchoptSolve",
     "Truncated",
     "Unrolled",
     "available_rules",

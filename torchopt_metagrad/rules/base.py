@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -141,9 +142,32 @@ class FixedPointRule(AbstractRule):
         return record.mixed(record.num_steps, x) * (-1.0 / float(self.reg))
 
     def operator(self, record: RecordProtocol) -> Callable[[Tensor], Tensor]:
-        """``v -> (I + H/reg) v`` with ``H`` the inner loss's Hessian at the final params."""
+        """``v -> (I + H/reg) v`` with ``H`` the inner loss's Hessian at the final params.
+
+        A record that knows the whole system (``tmg.custom_root``: the transposed Jacobian
+        ``J^T`` of the optimality function, ``J = H + reg I`` for a proximal gradient)
+        gives ``v -> J^T v / reg`` itself through ``proximal_system(reg)``.
+        """
         K, reg = record.num_steps, float(self.reg)
+        system = getattr(record, "proximal_system", None)
+        if system is not None:
+            return system(reg)
         return lambda v: v + record.hvp(K, v) / reg
+
+    def stationarity(self, record: RecordProtocol) -> float | None:
+        """``||grad F(phi)|| / ||grad F(phi_0)||`` for the proximal inner objective ``F``
+        at the final params and at the start (``None``: the record cannot tell).
+
+        Costs two inner-loss gradients (records that support it: ``stationarity(reg)``).
+        """
+        norms = getattr(record, "stationarity", None)
+        found = None if norms is None else norms(float(self.reg))
+        if found is None:
+            return None
+        final, start = found
+        if start > 0:
+            return final / start
+        return 0.0 if final == 0 else math.inf
 
 
 @dataclass(frozen=True)
