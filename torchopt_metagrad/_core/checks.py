@@ -225,6 +225,18 @@ def check_loss(loss: Any, k: int, what: str = "loss_fn") -> Tensor:
     return loss.reshape(())
 
 
+def not_using_params(what: str, k: int) -> str:
+    """The message for a loss that requires grad but not through the params it was given."""
+    return (
+        f"{what} does not depend on the parameters the inner loop gives it at inner step {k}, "
+        "although it requires grad through other tensors. Usually it was computed with the "
+        "module's own parameters instead: in a loss_fn(params, batch) use "
+        "torch.func.functional_call(net, params, (x,)) rather than net(x); with "
+        "innerloop_ctx call fmodel, not the original model; a closure must call the module "
+        "the optimizer adapts, not tensors captured before the step"
+    )
+
+
 def ensure_finite(t: Tensor, where: Callable[[], str]) -> None:
     """Raise :class:`NonFiniteError` if ``t`` has a NaN or infinity; ``where()`` names it."""
     if not bool(torch.isfinite(t).all()):
