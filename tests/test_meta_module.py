@@ -187,7 +187,7 @@ def run_ctx_tasks(ctx: Callable[[nn.Module, Any], Any], mode: str, make_opt=None
 
 
 def tmg_ctx(rule: tmg.AbstractRule, **kw: Any):
-    return lambda net, opt: tmg.innerloop_ctx(net, opt, rule=rule, **kw)
+    return lambda net, opt: tmg.innerloop_ctx(net, opt, copy_initial_weights=False, rule=rule, **kw)
 
 
 def higher_ctx(**kw: Any):

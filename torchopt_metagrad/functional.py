@@ -124,7 +124,8 @@ def adapt(
     check_rule(rule)
     rule.validate(steps)
     check_batches(batch, batches, steps)
-    factory, _, _ = step_map_factory(lr, optimizer, steps=steps)
+    by_id = {id(t): n for n, t in params.items()}
+    factory, _, _ = step_map_factory(lr, optimizer, steps=steps, names=by_id)
     loss_meta = () if layout is None else tuple(params[n] for n in layout.meta_names)
     needs = rule.needs(steps, meta=bool(loss_meta))
     step_map = factory(spec, needs.proximal)

@@ -232,6 +232,18 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def not_using_params(what: str, k: int) -> str:
+    """The message for a loss that requires grad but not through the params it was given."""
+    return (
+        f"{what} does not depend on the parameters the inner loop gives it at inner step {k}, "
+        "although it requires grad through other tensors. Usually it was computed with the "
+        "module's own parameters instead: in a loss_fn(params, batch) use "
+        "torch.func.functional_call(net, params, (x,)) rather than net(x); with "
+        "innerloop_ctx call fmodel, not the original model; a closure must call the module "
+        "the optimizer adapts, not tensors captured before the step"
+    )
+
+
 def ensure_finite(t: Tensor, where: Callable[[], str]) -> None:
     """Raise :class:`NonFiniteError` if ``t`` has a NaN or infinity; ``where()`` names it."""
     if not all_finite(t):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["closed_meta", "closed_over", "describe"]
+__all__ = ["closed_meta", "closed_over", "describe", "reaches"]
 
 
 def closed_over(outputs: Sequence[Tensor], stop: Sequence[Tensor]) -> list[Tensor]:
@@ -51,6 +51,33 @@ def closed_over(outputs: Sequence[Tensor], stop: Sequence[Tensor]) -> list[Tenso
             continue
         stack.extend(node.next_functions)
     return list(found.values())
+
+
+def reaches(output: Tensor, targets: Sequence[Tensor]) -> bool:
+    """Whether ``output``'s autograd graph reaches any of ``targets`` (leaves or not)."""
+    leaves = {id(t) for t in targets if t.grad_fn is None}
+    edges = {(t.grad_fn, t.output_nr) for t in targets if t.grad_fn is not None}
+    nodes = {node for node, _ in edges}
+    if output.grad_fn is None:
+        return id(output) in leaves
+    seen: set[torch.autograd.graph.Node] = set()
+    stack: list[tuple[torch.autograd.graph.Node | None, int]] = [(output.grad_fn, output.output_nr)]
+    while stack:
+        node, nr = stack.pop()
+        if node is None:
+            continue
+        if (node, nr) in edges:
+            return True
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            if id(variable) in leaves:
+                return True
+            continue
+        stack.extend((n, i) for n, i in node.next_functions if n in nodes or n not in seen)
+    return False
 
 
 def closed_meta(loss: Any, params: Tensor, rule: Any) -> Any:

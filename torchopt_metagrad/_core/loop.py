@@ -30,8 +30,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from torchopt_metagrad._core.checks import check_inner_finite, check_loss, ensure_finite
-from torchopt_metagrad._core.closed import closed_over, describe
+from torchopt_metagrad._core.checks import (
+    check_inner_finite,
+    check_loss,
+    ensure_finite,
+    not_using_params,
+)
+from torchopt_metagrad._core.closed import closed_over, describe, reaches
 from torchopt_metagrad._core.engine import Meta
 from torchopt_metagrad._core.flat import FlatSpec
 from torchopt_metagrad._core.needs import Needs
@@ -182,6 +187,8 @@ class InnerLoop:
                 self._mutates = loss.mutates
             loss.mutates = self._mutates
             value = check_loss(value, k, what or self.what)
+            if not reaches(value, [leaf]):
+                raise ValueError(not_using_params(what or self.what, k))
             (grad,) = torch.autograd.grad(value, leaf, create_graph=self.unrolled)
         check_inner_finite(value.detach(), grad.detach(), k)
         if k == 0:
@@ -219,6 +226,8 @@ class InnerLoop:
         """
         k = self.n
         value = check_loss(value, k, what or self.what)
+        if not reaches(value, params):
+            raise ValueError(not_using_params(what or self.what, k))
         if k == 0:
             self._start(value, list(params), self.z[: self.spec.numel])
         elif not self.unrolled:

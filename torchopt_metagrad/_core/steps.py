@@ -38,7 +38,7 @@ from torchopt_metagrad._core.checks import (
     check_lr_tensor,
 )
 from torchopt_metagrad._core.flat import FlatSpec
-from torchopt_metagrad._core.torch_optim import check_dampening, translate
+from torchopt_metagrad._core.torch_optim import SUPPORTED, check_dampening, translate
 
 __all__ = [
     "AbstractStepMap",
@@ -48,6 +48,7 @@ __all__ = [
     "learned_rate",
     "sgd_factory",
     "step_map_factory",
+    "torch_optim_factory",
     "transformation_factory",
 ]
 
@@ -302,7 +303,11 @@ def _transformation(impl: Any) -> StepMapFactory:
 
 
 def step_map_factory(
-    lr: Any = None, optimizer: Any = None, *, steps: int | None = None
+    lr: Any = None,
+    optimizer: Any = None,
+    *,
+    steps: int | None = None,
+    names: Mapping[int, str] | None = None,
 ) -> tuple[StepMapFactory, Any, list[Tensor] | None]:
     """The one place that turns an inner optimizer into a step map.
 
@@ -310,8 +315,10 @@ def step_map_factory(
     of tensors, see :func:`learned_rate`: a learned rate, differentiated by the rules;
     ``steps`` checks a per-step rate's length), a torchopt functional
     optimizer (``GradientTransformation``: its float state joins the differentiated
-    state), or a ``torch.optim.SGD`` / ``Adam`` (translated to torchopt's; plain SGD
-    becomes gradient descent, so the flow rules apply).
+    state), or a ``torch.optim`` optimizer (translated by
+    :func:`~torchopt_metagrad._core.torch_optim.translate`; plain SGD becomes gradient
+    descent, so the flow rules apply; ``names``, ``id(tensor) -> name``, places param
+    groups with different settings).
 
     Returns:
         ``(factory, torchopt_impl, tensors)``: the step-map factory, the equivalent
@@ -336,7 +343,7 @@ def step_map_factory(
     if _is_transformation(optimizer):
         return _transformation(optimizer), optimizer, None
     if isinstance(optimizer, torch.optim.Optimizer):
-        return _from_torch_optim(optimizer)
+        return torch_optim_factory(optimizer, names)
     raise TypeError(
         "optimizer must be a torchopt functional optimizer (GradientTransformation with "
         "init/update, e.g. torchopt.sgd(0.1, momentum=0.9)) or a torch.optim optimizer; "
@@ -344,15 +351,20 @@ def step_map_factory(
     )
 
 
-def _from_torch_optim(opt: torch.optim.Optimizer) -> tuple[StepMapFactory, Any, list[Tensor]]:
-    impl, group, params = translate(opt)
-    lr = check_lr(group["lr"], "optimizer's lr")
-    plain = isinstance(opt, torch.optim.SGD) and not any(
-        group.get(k) for k in ("momentum", "weight_decay", "nesterov", "maximize")
-    )
-    if plain:  # plain gradient descent: every rule applies (flows included)
-        return _plain(lr), torchopt.sgd(lr), params
-    return _transformation(impl), impl, params
+def torch_optim_factory(
+    opt: torch.optim.Optimizer,
+    names: Mapping[int, str] | None = None,
+    override: Mapping[str, Any] | None = None,
+) -> tuple[StepMapFactory, Any, list[Tensor]]:
+    t = translate(opt, names, override)
+    for group in opt.param_groups:
+        if not isinstance(group["lr"], Tensor):
+            check_lr(group["lr"], "optimizer's lr")
+    if isinstance(t.lr, float):  # plain gradient descent: every rule applies (flows included)
+        return _plain(t.lr), t.impl, t.params
+    if t.lr is not None:  # plain SGD, a rate per group (or a learned one): per parameter
+        return _plain(t.lr), None, t.params
+    return _transformation(t.impl), t.impl, t.params
 
 
 def sgd_factory(
@@ -379,19 +391,20 @@ def sgd_factory(
                 f"drop {', '.join(used)} or give a float lr"
             )
         return _plain(lr), None
-    check_dampening(momentum, dampening)
+    check_dampening(momentum, dampening, lr)
     rate = check_lr_or_schedule(lr)
     plain = not callable(lr) and momentum == 0 and weight_decay == 0 and not maximize
     if plain and not nesterov:
         return _plain(rate), torchopt.sgd(rate)
-    impl = torchopt.sgd(
-        rate,
+    group = dict(
+        lr=rate,
         momentum=momentum,
         dampening=dampening,
         weight_decay=weight_decay,
         nesterov=nesterov,
         maximize=maximize,
     )
+    impl = SUPPORTED[torch.optim.SGD](group)
     return _transformation(impl), impl
 
 

@@ -172,6 +172,7 @@ class MetaOptimizer(torchopt.MetaOptimizer):
     def _session_for_step(self) -> Session:
         session = self._session
         if session is not None and session.check() == "continue":
+            session.check_not_consumed()
             return session
         self._session = None  # release the previous inner loop before recording a new one
         self._session = Session(

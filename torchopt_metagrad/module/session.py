@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchopt_metagrad._core.checks import check_loss, not_using_params
 from torchopt_metagrad._core.flat import FlatSpec
 from torchopt_metagrad._core.link import Link
 from torchopt_metagrad._core.loop import InnerLoop
@@ -39,7 +40,7 @@ from torchopt_metagrad._core.steps import StepMapFactory
 from torchopt_metagrad.module.slots import Slots, closure_loss
 from torchopt_metagrad.rules.base import AbstractRule
 
-__all__ = ["Session"]
+__all__ = ["Session", "UntrackedSession"]
 
 
 class Session:
@@ -74,6 +75,7 @@ class Session:
             rule_name=type(rule).__name__,
         )
         self.recorded_closures = False
+        self.backward_seen = False
         self._handed: list[weakref.ref[Record]] = []
         self.current: list[Tensor] = list(self.theta)
         self._versions = [t._version for t in self.current]
@@ -161,7 +163,66 @@ class Session:
         self.slots.write(outputs)
         self.current = outputs
         self._versions = [t._version for t in outputs]
+        me = weakref.ref(self)
+
+        def seen(grad_inputs: Any, grad_outputs: Any) -> None:
+            session = me()
+            if session is not None:
+                session.backward_seen = True
+
+        for node in {t.grad_fn for t in outputs if t.grad_fn is not None}:
+            node.register_hook(seen)
+
+    def check_not_consumed(self) -> None:
+        """Refuse a step after an outer backward went through this inner loop."""
+        if self.backward_seen:
+            raise RuntimeError(
+                f"{self.owner}.step: an outer loss's backward already went through this inner "
+                f"loop (after inner step {self.steps}), so this step would continue it into "
+                "the next task and the next meta-gradient would run over both tasks. Before "
+                "each task restore the module's parameters (torchopt.recover_state_dict(net, "
+                "state) with a state extracted by reference before the first step, as "
+                "torchopt's MAML examples do) or call reset() on the optimizer"
+            )
 
 
 def _always(meta: bool) -> bool:
     return True
+
+
+class UntrackedSession:
+    """An inner loop without a meta-graph (``higher``'s ``track_higher_grads=False``).
+
+    Each step takes the gradient of the training loss without ``create_graph``, advances
+    the step map with grad disabled and puts detached leaves (requiring grad) in the
+    module: the adapted parameters get gradients of a later loss, the initial ones none.
+    Cheap test-time adaptation; no rule is involved.
+    """
+
+    def __init__(self, slots: Slots, make_step_map: StepMapFactory, owner: str) -> None:
+        self.slots = slots
+        self.owner = owner
+        theta = [t.detach() for t in slots.read()]
+        self.spec = FlatSpec.from_tensors(dict(zip(slots.names, theta, strict=True)))
+        self.step_map = make_step_map(self.spec, None)
+        with torch.no_grad():
+            self.z, self.aux = self.step_map.init_state(self.spec.flatten(theta))
+        self.steps = 0
+
+    def step(self, loss: Tensor | None, closure: Callable[[], Any] | None) -> None:
+        """One step from the training loss (tensor) or a closure recomputing it."""
+        current = self.slots.read()
+        with torch.enable_grad():
+            value = closure() if closure is not None else loss
+        value = check_loss(value, self.steps, "the training loss")
+        grads = torch.autograd.grad(value, current, allow_unused=True)
+        if all(g is None for g in grads):
+            raise ValueError(not_using_params(f"{self.owner}'s training loss", self.steps))
+        flat = self.spec.flatten(
+            [torch.zeros_like(p) if g is None else g for g, p in zip(grads, current, strict=True)]
+        )
+        with torch.no_grad():
+            self.z, self.aux = self.step_map.advance(self.z, flat, self.aux)
+        P = self.spec.numel
+        self.slots.write([t.detach().requires_grad_(True) for t in self.spec.split(self.z[:P])])
+        self.steps += 1
