@@ -84,6 +84,12 @@ class Regression2DConfig(TrainConfig):
     train_tasks: int = option(100, "meta-training task pool", minimum=1)
     test_tasks: int = option(100, "new tasks for the meta-test", minimum=1)
     test_query: int = option(100, "held-out examples per test task", minimum=1)
+    eval_dtype: str = option(
+        "float64",
+        "dtype of the test-time adaptation (the meta-trained model is copied to it): "
+        "Alpine's curves moved by up to 0.24 nRMSE between float32 and float64",
+        choices=("float32", "float64"),
+    )
     test_steps: tuple[int, ...] = option(
         (0, 10, 20, 50, 100, 200, 500, 1000), "test-time adaptation steps to report"
     )
@@ -151,6 +157,7 @@ def _run(config: Regression2DConfig, callbacks: Sequence[Callback]) -> dict[str,
         seed=config.seed,
         device=device,
         dtype=dtype,
+        eval_dtype=resolve_dtype(config.eval_dtype),
     )
     test_steps = list(config.test_steps)
 
