@@ -1,8 +1,11 @@
 """Adversarial review of custom_root / ImplicitCG, innerloop_ctx and Binomial's budget.
 
-Each test is a minimal reproduction of a defect found in review, marked ``xfail(strict=True)``
-so the suite stays green and the fix flips it. Float64 throughout; oracles are explicit
-linear algebra (``torch.linalg.solve``) or ``higher`` 0.2.1's own behaviour.
+Each test is a minimal reproduction of a defect found in review, now fixed: custom_root's
+``aux`` kept a graph that did not reach the argnums arguments (its gradient silently lost;
+now detached, as in torchopt); a NaN in the linear system gave a zero meta-gradient through
+CG (now NonFiniteError); custom_root under vmap and a nested innerloop_ctx failed inside
+torch (now errors naming them). Float64 throughout; oracles are explicit linear algebra
+(``torch.linalg.solve``) or ``higher`` 0.2.1's own behaviour.
 """
 
 from __future__ import annotations
@@ -24,12 +27,6 @@ def _spd(d: int = 3) -> torch.Tensor:
     return m @ m.T + 3 * torch.eye(d, dtype=DT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="custom_root(has_aux=True): aux tensors computed from an argnums argument keep a "
-    "graph to the decorator's detached copy, so their gradient is silently dropped "
-    "(torchopt returns aux detached, requires_grad=False)",
-)
 def test_custom_root_aux_gradient_not_silently_dropped() -> None:
     m = _spd()
     a = torch.tensor([0.3, -1.0, 0.5], dtype=DT, requires_grad=True)
@@ -46,13 +43,6 @@ def test_custom_root_aux_gradient_not_silently_dropped() -> None:
     assert not aux.requires_grad or torch.allclose(grad, oracle, atol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a NaN in optimality_fn's Jacobian: the default solve (normal CG) returns an "
-    "all-zero meta-gradient with only a SolverWarning ('residual nan'); minres raises "
-    "NonFiniteError. Suggested fix: _finish raises NonFiniteError when the residual is not "
-    "finite",
-)
 @pytest.mark.parametrize(
     "solve", [None, tmg.ImplicitCG(1.0, solver="cg")], ids=["default_normal_cg", "ImplicitCG_cg"]
 )
@@ -73,13 +63,6 @@ def test_custom_root_nan_jacobian_is_reported(solve: object) -> None:
             torch.autograd.grad(x.sum(), a)  # today: (tensor([0., 0., 0.]),)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="custom_root under torch.func.vmap (documented as unsupported: 'refused or "
-    "documented') fails inside torch with 'You are attempting to call "
-    "Tensor.requires_grad_() ... inside of a function being transformed by a functorch "
-    "transform', naming neither custom_root nor vmap",
-)
 def test_custom_root_under_vmap_is_refused_clearly() -> None:
     m = _spd()
 
@@ -92,12 +75,6 @@ def test_custom_root_under_vmap_is_refused_clearly() -> None:
         torch.func.vmap(lambda a: solver(torch.zeros(3, dtype=DT), a))(batch)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="innerloop_ctx over an fmodel of an enclosing innerloop_ctx (a nested context) "
-    "fails in copy.deepcopy with torch's 'Only Tensors created explicitly by the user (graph "
-    "leaves) support the deepcopy protocol'; higher refuses it with a clear ValueError",
-)
 def test_nested_innerloop_ctx_error_names_the_model() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torchopt
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from torchopt_metagrad._core.checks import check_callable
 from torchopt_metagrad._core.closed import closed_over, describe
@@ -34,6 +34,7 @@ from torchopt_metagrad._core.engine import Meta
 from torchopt_metagrad._core.flat import FlatSpec
 from torchopt_metagrad._core.link import Link
 from torchopt_metagrad._core.root import RootRecord
+from torchopt_metagrad._core.tasks import is_batched
 from torchopt_metagrad.errors import NonFiniteError
 from torchopt_metagrad.rules.base import FixedPointRule
 from torchopt_metagrad.rules.implicit import TorchoptSolve
@@ -62,7 +63,8 @@ def custom_root(
             shaped like the solution (a tensor or a tuple/list of them).
         argnums: position(s) >= 1 in the solver's signature of the arguments to
             differentiate; each a tensor or a tuple/list/dict of floating tensors.
-        has_aux: the solver returns ``(solution, aux)``; ``aux`` is passed through.
+        has_aux: the solver returns ``(solution, aux)``; ``aux`` is passed through with its
+            tensors detached (as torchopt does: no gradient flows through ``aux``).
         solve: a fixed-point rule (``tmg.ImplicitCG``, ``tmg.ImplicitNeumann``: the
             system is then ``J^T / rule.reg`` with ``J = dF/dx``, which must be symmetric:
             ``F`` the gradient of an objective) or a torchopt ``solve(matvec, b)``
@@ -97,6 +99,12 @@ def custom_root(
                     f"{len(pos)} positional argument(s) ({', '.join(names[: len(pos)])})"
                 )
             w_trees = {i: _argnum_tensors(pos[i], i, names) for i in nums}
+            if is_batched(pos, kw):
+                raise NotImplementedError(
+                    f"tmg.custom_root ({solver.__name__}) under torch.func.vmap (or another "
+                    "torch.func transform) is not supported: loop over the tasks, or write the "
+                    "inner solver with tmg.implicit, which runs under vmap"
+                )
             _refuse_other_grads(pos, kw, nums, names)
             call = list(pos)
             for i, (leaves, treedef) in w_trees.items():
@@ -113,6 +121,10 @@ def custom_root(
                         f"{type(out).__name__}"
                     )
                 out, aux = out
+                # returned detached, as torchopt does: the solver ran on detached copies of
+                # the argnums arguments, so a graph through aux would not reach them and
+                # their gradient through aux would be silently lost
+                aux = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, aux)
             x_leaves, x_def = _solution(out)
             spec = FlatSpec.from_tensors({str(i): t for i, t in enumerate(x_leaves)})
             w_all = [t for i in nums for t in w_trees[i][0]]

@@ -255,6 +255,12 @@ def innerloop_ctx(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, _Functional) for m in model.modules()):
+        raise ValueError(
+            "innerloop_ctx: model is (or contains) the functional model of another "
+            "innerloop_ctx; nested contexts over an fmodel are not supported (higher refuses "
+            "them too): open the inner context over the original nn.Module"
+        )
     for name, flag in (
         ("copy_initial_weights", copy_initial_weights),
         ("track_higher_grads", track_higher_grads),

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from torchopt_metagrad._core.checks import check_int, check_positive
-from torchopt_metagrad.errors import SolverWarning
+from torchopt_metagrad.errors import NonFiniteError, SolverWarning
 from torchopt_metagrad.rules.base import (
     Estimate,
     FixedPointRule,
@@ -213,6 +213,14 @@ def _finish(
     """The solve's :class:`CGInfo` (true residual, gain, stationarity) and its warnings."""
     b_norm = float(b.norm())
     residual = float((b - operator(x)).norm()) / b_norm if b_norm > 0 else 0.0
+    if not math.isfinite(residual):
+        # e.g. a NaN in the system: torchopt's CG stops at it and returns its zero start,
+        # which is finite, so the answer's own check would not catch it
+        raise NonFiniteError(
+            f"{type(rule).__name__}: the linear system (I + H/reg) x = g gives a non-finite "
+            f"residual after {solver} ({residual}): the Hessian-vector products of the inner "
+            "objective (or the outer gradient) are not finite at the inner solution"
+        )
     gain = float(x.norm()) / b_norm if b_norm > 0 else 0.0
     stationarity = None if rule.inner_tol is None else rule.stationarity(record)
     info = CGInfo(
