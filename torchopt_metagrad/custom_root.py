@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -154,13 +155,13 @@ def custom_root(
 
 
 def _check_argnums(argnums: Any) -> tuple[int, ...]:
-    nums = (argnums,) if isinstance(argnums, int) and not isinstance(argnums, bool) else argnums
-    if (
-        not isinstance(nums, tuple)
-        or not nums
-        or not all(isinstance(i, int) and not isinstance(i, bool) for i in nums)
-    ):
+    def whole(i: Any) -> bool:
+        return isinstance(i, numbers.Integral) and not isinstance(i, bool)
+
+    nums = (argnums,) if whole(argnums) else argnums
+    if not isinstance(nums, tuple) or not nums or not all(whole(i) for i in nums):
         raise TypeError(f"argnums must be an int or a non-empty tuple of ints, got {argnums!r}")
+    nums = tuple(int(i) for i in nums)
     if any(i < 1 for i in nums):
         raise ValueError(
             f"argnums={argnums!r}: positions start at 1 (0 is the solver's initial params, "

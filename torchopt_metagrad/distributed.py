@@ -27,6 +27,7 @@ wrap the module whose parameters the inner loop adapts.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -73,14 +74,14 @@ def setup(backend: str | None = None, *, timeout: timedelta = timedelta(minutes=
     every collective: a rank that died makes the others fail with an error after it
     instead of hanging.
     """
+    if backend not in (None, "nccl", "gloo"):  # checked alone too: the same call runs both
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
     if "WORLD_SIZE" not in os.environ:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         return RankInfo(0, 1, 0, device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     backend = backend or ("nccl" if cuda else "gloo")
-    if backend not in ("nccl", "gloo"):
-        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
@@ -92,6 +93,8 @@ def setup(backend: str | None = None, *, timeout: timedelta = timedelta(minutes=
 def share(global_batch: int, info: RankInfo) -> int:
     """How many of ``global_batch`` tasks this rank takes (the first ranks take one more
     when it does not divide evenly)."""
+    if isinstance(global_batch, bool) or not isinstance(global_batch, numbers.Integral):
+        raise TypeError(f"global_batch must be an int, got {global_batch!r}")
     if global_batch < info.world_size:
         raise ValueError(
             f"the global meta-batch ({global_batch}) is smaller than the number of ranks "
@@ -104,9 +107,10 @@ def share(global_batch: int, info: RankInfo) -> int:
 def task_range(global_batch: int, info: RankInfo) -> range:
     """The indices in ``0..global_batch-1`` of the tasks this rank takes (contiguous;
     the ranks' ranges cover the meta-batch once)."""
+    count = share(global_batch, info)  # checks global_batch first
     base, extra = divmod(global_batch, info.world_size)
     start = info.rank * base + min(info.rank, extra)
-    return range(start, start + share(global_batch, info))
+    return range(start, start + count)
 
 
 def task_seed(seed: int, step: int, rank: int) -> int:
@@ -148,6 +152,10 @@ def average_meta_gradients(
     """
     if scale not in ("mean", "sum"):
         raise ValueError(f"scale must be 'mean' or 'sum', got {scale!r}")
+    if isinstance(params, Tensor) or not isinstance(params, (nn.Module, Iterable)):
+        # a lone tensor would be iterated row by row: views without .grad, nothing reduced
+        what = "one tensor (wrap it in a list)" if isinstance(params, Tensor) else repr(params)
+        raise TypeError(f"params must be a module or an iterable of tensors, got {what}")
     tensors = (
         [p for p in params.parameters() if p.requires_grad]
         if isinstance(params, nn.Module)

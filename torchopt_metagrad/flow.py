@@ -21,7 +21,15 @@ import torch
 from torch import Tensor
 
 from torchopt_metagrad._core import ode as _ode
-from torchopt_metagrad._core.checks import check_callable, check_params, check_positive
+from torchopt_metagrad._core.checks import (
+    NON_FINITE_CAUSES,
+    all_finite,
+    check_callable,
+    check_loss,
+    check_params,
+    check_positive,
+    not_using_params,
+)
 from torchopt_metagrad._core.closed import closed_meta
 from torchopt_metagrad._core.flat import FlatSpec
 from torchopt_metagrad._core.link import Link, over_tasks
@@ -111,6 +119,7 @@ def flow(
 
     leaves = list(params.values())
     theta = spec.flatten([t.detach() for t in leaves])
+    _check_start(loss, theta)
     times = _ode.linspace(T, n, theta)
     states = _ode.solve("forward gradient-flow solve", field, theta, times, solver, grid_step=h)
     _check_states(states, h)
@@ -152,8 +161,10 @@ def implicit(
     """
     check_callable(loss_fn, "loss_fn")
     check_rule(rule)
-    # the user's solver minimizes the proximal objective: the proximal term is theirs
-    check_fit(rule, rule.needs(0), _offers("tmg.implicit", flow_samples=False, proximal=True))
+    # the user's solver minimizes the proximal objective: the proximal term is theirs. Its
+    # needs after one step, not zero: a step rule (Exact, Binomial) then asks for step
+    # Jacobians, which a solver has none of (with zero steps Exact would return g).
+    check_fit(rule, rule.needs(1), _offers("tmg.implicit", flow_samples=False, proximal=True))
 
     def decorator(
         solver: Callable[[dict[str, Tensor], Any], Mapping[str, Tensor]],
@@ -312,6 +323,23 @@ def _check_scalar(loss: Any) -> None:
         raise ValueError("loss_fn must return a scalar tensor")
     if not loss.requires_grad:
         raise ValueError("loss_fn's output does not depend on params")
+
+
+def _check_start(loss: StepLoss, theta: Tensor) -> None:
+    """The inner loss at the flow's start: a real scalar that depends on the params it is
+    given, finite with a finite gradient (an ODE solver would otherwise fail with its own
+    message, or, on an empty batch whose gradient is zero, return the params unchanged)."""
+    with torch.enable_grad():
+        leaf = theta.detach().requires_grad_(True)
+        value = check_loss(loss.evaluate(leaf, record=False, watch=False), 0)
+        (grad,) = torch.autograd.grad(value, leaf, allow_unused=True)
+    if grad is None:
+        raise ValueError(not_using_params("loss_fn", 0))
+    if not (all_finite(value.detach()) and all_finite(grad)):
+        raise NonFiniteError(
+            "the inner loss or its gradient is not finite at the flow's start (t=0): "
+            + NON_FINITE_CAUSES
+        )
 
 
 def _check_states(states: Tensor, h: float) -> None:

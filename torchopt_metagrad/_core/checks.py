@@ -30,6 +30,7 @@ __all__ = [
     "check_lr_dict",
     "check_lr_or_schedule",
     "check_lr_tensor",
+    "check_nonnegative",
     "check_params",
     "check_positive",
     "ensure_finite",
@@ -51,6 +52,15 @@ def check_positive(value: Any, name: str) -> float:
         raise TypeError(f"{name} must be a float > 0, got {value!r}")
     if not (float(value) > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a finite float > 0, got {value}")
+    return float(value)
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    """Raise unless ``value`` is a finite real number >= 0; return it as ``float``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float >= 0, got {value!r}")
+    if not (float(value) >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
     return float(value)
 
 
@@ -215,6 +225,11 @@ def check_loss(loss: Any, k: int, what: str = "loss_fn") -> Tensor:
         raise TypeError(f"{must} a scalar tensor, got {type(loss).__name__} at inner step {k}")
     if loss.numel() != 1:
         raise ValueError(f"{must} a scalar tensor, got shape {tuple(loss.shape)} at inner step {k}")
+    if loss.is_complex():
+        raise TypeError(
+            f"{must} a real scalar tensor, got dtype {loss.dtype} at inner step {k}; reduce a "
+            "complex quantity to a real loss first (e.g. .abs() ** 2)"
+        )
     if not loss.requires_grad:
         output = "loss_fn's output" if what == "loss_fn" else what
         raise ValueError(
@@ -254,4 +269,13 @@ def check_inner_finite(loss: Tensor, grad: Tensor, k: int) -> None:
     """Raise ``NonFiniteError`` naming step ``k`` if the inner loss or gradient is not finite."""
     if not (all_finite(loss) and all_finite(grad)):
         what = "inner loss" if not bool(torch.isfinite(loss).all()) else "inner-loss gradient"
-        raise NonFiniteError(f"the {what} is not finite at inner step {k} (steps count from 0)")
+        raise NonFiniteError(
+            f"the {what} is not finite at inner step {k} (steps count from 0): " + NON_FINITE_CAUSES
+        )
+
+
+#: What usually makes an inner loss non-finite, for the messages that report one.
+NON_FINITE_CAUSES = (
+    "a NaN or inf in the batch or the params, an empty batch (the mean of no entries is "
+    "NaN), or an inner loop that diverges (lower lr)"
+)

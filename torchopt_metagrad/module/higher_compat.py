@@ -267,6 +267,11 @@ def innerloop_ctx(
     ):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must be a torch.device or a device string: {err}") from None
     rule = Unrolled() if rule is None else rule
     check_rule(rule)
     names = {id(p): n for n, p in model.named_parameters()}

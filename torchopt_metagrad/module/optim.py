@@ -58,7 +58,7 @@ import torchopt
 from torch import Tensor, nn
 from torchopt.base import UninitializedState
 
-from torchopt_metagrad._core.checks import check_lr_or_schedule
+from torchopt_metagrad._core.checks import check_lr_or_schedule, check_nonnegative
 from torchopt_metagrad._core.steps import StepMapFactory, sgd_factory, transformation_factory
 from torchopt_metagrad._core.tasks import in_transform
 from torchopt_metagrad.module.session import Session
@@ -272,6 +272,9 @@ class MetaSGD(MetaOptimizer):
         maximize: bool = False,
         moment_requires_grad: bool = True,
     ) -> None:
+        for value, name in ((momentum, "momentum"), (weight_decay, "weight_decay")):
+            check_nonnegative(value, name)
+        check_nonnegative(dampening, "dampening")
         make, impl = sgd_factory(
             lr,
             momentum=momentum,
@@ -312,6 +315,9 @@ class MetaAdam(MetaOptimizer):
         moment_requires_grad: bool = True,
     ) -> None:
         check_lr_or_schedule(lr)
+        _check_betas(betas)
+        for value, name in ((eps, "eps"), (eps_root, "eps_root"), (weight_decay, "weight_decay")):
+            check_nonnegative(value, name)
         impl = torchopt.adam(
             lr,
             betas=betas,
@@ -321,3 +327,12 @@ class MetaAdam(MetaOptimizer):
             maximize=maximize,
         )
         self._setup(module, rule, transformation_factory(impl), impl)
+
+
+def _check_betas(betas: Any) -> None:
+    """Adam's ``betas``: a pair of floats in ``[0, 1)``."""
+    if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2) of floats in [0, 1), got {betas!r}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= check_nonnegative(b, f"betas[{i}]") < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")

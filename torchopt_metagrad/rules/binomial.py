@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -151,7 +152,7 @@ class Binomial(StepProductRule):
             check_order(self, self.order)
         if self.chunk_size is not None and (
             isinstance(self.chunk_size, bool)
-            or not isinstance(self.chunk_size, int)
+            or not isinstance(self.chunk_size, numbers.Integral)
             or self.chunk_size < 1
         ):
             raise ValueError(f"chunk_size must be None or an int >= 1, got {self.chunk_size!r}")
