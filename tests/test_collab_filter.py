@@ -246,10 +246,16 @@ def test_end_to_end_two_methods_and_resume(tmp_path):
         assert len(entry["nrmse_mean"]) == 2 and all(0 < v < 1 for v in entry["nrmse_mean"])
         assert entry["paper"] is None
     cut = tmp_path / "cut"
-    part = main([*argv, "--out", str(cut), "--stop-after", "2"])
+    # one process stops first_order at step 2, another trains MAML (--only), then the
+    # whole study resumes: the same numbers as the uninterrupted one
+    part = main([*argv, "--out", str(cut), "--stop-after", "2", "--only", "first_order"])
     assert part["interrupted"] and "ranking" not in part
     assert load_checkpoint(cut / "first_order" / "checkpoint.pt")["step"] == 2
+    other = main([*argv, "--out", str(cut), "--resume", "--only", "MAML"])
+    assert other["ranking"] == ["MAML"]
     resumed = main([*argv, "--out", str(cut), "--resume"])
     assert without_times(resumed) == without_times(full)
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", str(cut), "--resume", "--only", "iMAML"])
     with pytest.raises(FileNotFoundError, match="no such file"):
         main([*argv[2:], "--data", str(tmp_path / "missing.data"), "--out", str(tmp_path / "m")])

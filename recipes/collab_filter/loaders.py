@@ -247,7 +247,7 @@ def read_jester_csv(path: Path) -> Ratings:
 def read_jester_xls(path: Path) -> Ratings:
     """The published ``jester-data-1.xls``, through the optional package ``xlrd``."""
     try:
-        import xlrd  # type: ignore[import-not-found]
+        import xlrd
     except ImportError:
         raise ImportError(
             f"--data {path}: reading .xls needs the optional package 'xlrd' "

@@ -81,6 +81,13 @@ class CollabFilterConfig(TrainConfig):
     methods: tuple[str, ...] = option(
         (), "methods to compare, name[:key=value,...] (empty: the paper's five and four more)"
     )
+    only: tuple[str, ...] = option(
+        (),
+        "train and evaluate only these methods of the list (by label): split one study over "
+        "several processes writing to the same --out, then rerun with --resume and no --only "
+        "for the whole table",
+        volatile=True,
+    )
     test_tasks: int = option(100, "held-out users for the meta-test")
     test_steps: tuple[int, ...] = option(
         (0, 5, 10, 50, 100), "test-time GD steps to report (--steps is always added)"
@@ -105,7 +112,16 @@ class CollabFilterConfig(TrainConfig):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.dataset in SYNTHETIC and self.data:
             raise ValueError(f"--data: --dataset {self.dataset} is generated, not read")
-        self.method_list()  # bad --methods: an argparse error
+        self.selected()  # bad --methods / --only: an argparse error
+
+    def selected(self) -> list[Method]:
+        """The methods to run in this process: :meth:`method_list`, filtered by ``--only``."""
+        methods = self.method_list()
+        labels = [m.display for m in methods]
+        unknown = [name for name in self.only if name not in labels]
+        if unknown:
+            raise ValueError(f"--only: {unknown} not among the methods {labels}")
+        return [m for m in methods if not self.only or m.display in self.only]
 
     def method_list(self) -> list[Method]:
         """The methods, parsed (the default list when ``--methods`` is empty)."""
@@ -158,7 +174,7 @@ def main(
 
 
 def _run(config: CollabFilterConfig, callbacks: Sequence[Callback]) -> dict[str, Any]:
-    methods = config.method_list()
+    methods = config.selected()
     tasks, data = load_tasks(config)
     problem = CollabFilterProblem(
         tasks,
