@@ -20,7 +20,7 @@ from recipes.collab_filter.loaders import RatingsFormatError, load_ratings
 from recipes.collab_filter.paper import paper_table
 from recipes.collab_filter.synthetic import SyntheticSpec, generate
 from recipes.collab_filter.tasks import CollabFilterProblem, build_tasks, masked_rmse
-from recipes.common.checkpoint import load_checkpoint
+from recipes.common.checkpoint import CheckpointError, load_checkpoint
 
 HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
 
@@ -257,5 +257,13 @@ def test_end_to_end_two_methods_and_resume(tmp_path):
     assert without_times(resumed) == without_times(full)
     with pytest.raises(SystemExit):
         main([*argv, "--out", str(cut), "--resume", "--only", "iMAML"])
+    other_data = tmp_path / "other" / "u.data"
+    other_data.parent.mkdir()
+    other_data.write_text(Path(argv[1]).read_text().replace("\t1\t0\n", "\t2\t0\n", 1))
+    with pytest.raises(CheckpointError, match="was started on other ratings"):
+        main([*argv[2:], "--data", str(other_data), "--out", str(cut), "--resume"])
+    moved = tmp_path / "moved.data"  # the same ratings elsewhere: fine
+    moved.write_text(Path(argv[1]).read_text())
+    assert main([*argv[2:], "--data", str(moved), "--out", str(cut), "--resume"])["ranking"]
     with pytest.raises(FileNotFoundError, match="no such file"):
         main([*argv[2:], "--data", str(tmp_path / "missing.data"), "--out", str(tmp_path / "m")])

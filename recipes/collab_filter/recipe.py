@@ -25,6 +25,8 @@ Binomial(2) and Truncated(2) at both horizons. Table 2: ``--steps 100 --maml-ste
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +35,7 @@ from recipes.collab_filter.loaders import FORMATS, load_ratings
 from recipes.collab_filter.paper import paper_value
 from recipes.collab_filter.synthetic import SYNTHETIC, generate, stats
 from recipes.collab_filter.tasks import CollabFilterProblem, build_tasks
+from recipes.common.checkpoint import CheckpointError
 from recipes.common.compare import Evaluation, compare, parse_methods
 from recipes.common.config import TrainConfig, option, parse_config
 from recipes.common.env import cpu_threads, resolve_device, resolve_dtype
@@ -155,7 +158,32 @@ def load_tasks(config: CollabFilterConfig) -> tuple[Any, dict[str, Any]]:
             )
         ratings = load_ratings(path, config.format)
     info = {"source": ratings.source, **stats(ratings)}
+    if config.dataset not in SYNTHETIC:
+        info["sha256"] = hashlib.sha256(Path(ratings.source).read_bytes()).hexdigest()
     return build_tasks(ratings, config.items, config.min_ratings), info
+
+
+def check_same_data(out: Path, data: dict[str, Any], resume: bool) -> None:
+    """``--data`` may move between invocations (it is not part of a run's identity), but a
+    resumed study must read the same ratings: ``out/data.json`` records what the study
+    started with, and a resume with other data is refused.
+
+    Raises:
+        CheckpointError: ``--resume`` with ratings that differ from the study's.
+    """
+    path = out / "data.json"
+    if resume and path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        keys = [k for k in before if k != "source"]
+        if any(before[k] != data.get(k) for k in keys):
+            raise CheckpointError(
+                f"{out} was started on other ratings ({before['source']}, "
+                f"sha256 {before.get('sha256', '-')}) than --data {data['source']} "
+                f"(sha256 {data.get('sha256', '-')}): resume with the same data"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, data)
 
 
 def main(
@@ -234,6 +262,7 @@ def _run(config: CollabFilterConfig, callbacks: Sequence[Callback]) -> dict[str,
         f"number of test-time GD steps; ranked after {config.steps}"
     )
     out = Path(config.out_dir)
+    check_same_data(out, data, config.resume)
     summary = compare(
         problem,
         methods,
