@@ -209,6 +209,12 @@ def test_paper_table_layout():
     assert "ml-100k 10shot-15val" in lines[0] and "synthetic-ml-1m 20shot-30val" in lines[0]
     assert [c.strip() for c in lines[2].split("|")[1:4]] == ["A", "0.250 ± 0.050", "-"]
     assert "0.125 ± 0.010" in lines[3]
+    results[0].update(steps=50, maml_steps=5, methods={"MAML": results[0]["methods"]["A"]})
+    lines = paper_table(results).splitlines()  # the paper's Table 1 beside ml-100k
+    assert [c.strip() for c in lines[0].split("|")[1:4]] == ["method", "ml-100k 10shot-15val",
+                                                             "paper"]  # fmt: skip
+    assert [c.strip() for c in lines[2].split("|")[1:4]] == ["MAML", "0.250 ± 0.050",
+                                                             "0.123 ± 0.001"]  # fmt: skip
 
 
 def tiny_study(tmp_path: Path) -> list[str]:

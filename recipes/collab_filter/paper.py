@@ -65,18 +65,29 @@ def paper_value(
 
 def paper_table(results: Sequence[dict[str, Any]]) -> str:
     """Methods as rows, one column per study (``dataset setting``): nRMSE after the
-    long horizon, mean ± std over the held-out users."""
-    columns = [f"{r['dataset']} {r['setting']}" for r in results]
+    long horizon, mean ± std over the held-out users; beside a study of a real dataset at
+    a table's horizons, the paper's number for the row (its label) in a ``paper`` column."""
+
+    def paper(r: dict[str, Any], label: str) -> str | None:
+        table = PAPER.get((int(r.get("steps", 0)), int(r.get("maml_steps", 0))), {})
+        return table.get((label, r["dataset"], r["setting"]))
+
     labels = list(dict.fromkeys(k for r in results for k in r["methods"]))
+    with_paper = [any(paper(r, label) for label in labels) for r in results]
+    columns: list[str] = []
+    for r, extra in zip(results, with_paper, strict=True):
+        columns += [f"{r['dataset']} {r['setting']}", *(["paper"] if extra else [])]
     rows = []
     for label in labels:
         row = [label]
-        for r in results:
+        for r, extra in zip(results, with_paper, strict=True):
             entry = r["methods"].get(label, {})
             if "nrmse_at_steps" in entry:
                 row.append(f"{entry['nrmse_at_steps']:.3f} ± {entry['nrmse_std_at_steps']:.3f}")
             else:
                 row.append("-")
+            if extra:
+                row.append(paper(r, label) or "-")
         rows.append(row)
     return markdown_table(["method", *columns], rows)
 
