@@ -252,6 +252,7 @@ def _run(config: CollabFilterConfig, callbacks: Sequence[Callback]) -> dict[str,
                 {"adapt_steps": k, "nrmse_mean": m, "nrmse_std": d, "rmse_mean": r}
                 for k, m, d, r in zip(test_steps, mean, std, rmse.mean(0).tolist(), strict=True)
             ],
+            per_task=nrmse[:, at].tolist(),
         )
 
     title = (
