@@ -187,9 +187,13 @@ class InnerLoop:
                 self._mutates = loss.mutates
             loss.mutates = self._mutates
             value = check_loss(value, k, what or self.what)
-            if not reaches(value, [leaf]):
-                raise ValueError(not_using_params(what or self.what, k))
-            (grad,) = torch.autograd.grad(value, leaf, create_graph=self.unrolled)
+            try:
+                (grad,) = torch.autograd.grad(value, leaf, create_graph=self.unrolled)
+            except RuntimeError:
+                # walk the graph only when autograd failed: no cost on the happy path
+                if not reaches(value, [leaf]):
+                    raise ValueError(not_using_params(what or self.what, k)) from None
+                raise
         check_inner_finite(value.detach(), grad.detach(), k)
         if k == 0:
             self._start(value, [leaf, *(stand_ins or ())], grad)
@@ -226,7 +230,9 @@ class InnerLoop:
         """
         k = self.n
         value = check_loss(value, k, what or self.what)
-        if not reaches(value, params):
+        if k == 0 and not reaches(value, params):
+            # before _start, which would take the tensors it does use for meta-parameters;
+            # later steps: the all-None gradients below
             raise ValueError(not_using_params(what or self.what, k))
         if k == 0:
             self._start(value, list(params), self.z[: self.spec.numel])
@@ -236,10 +242,7 @@ class InnerLoop:
         with torch.enable_grad():
             grads = torch.autograd.grad(value, tuple(params), create_graph=keep, allow_unused=True)
         if all(g is None for g in grads):
-            raise ValueError(
-                f"{self.what} does not depend on the adapted parameters at inner step {k}; "
-                "compute it with the module after the last step"
-            )
+            raise ValueError(not_using_params(what or self.what, k))
         grads = tuple(
             torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)
         )
