@@ -86,3 +86,85 @@ def test_nested_innerloop_ctx_error_names_the_model() -> None:
             tmg.innerloop_ctx(fnet, 0.2, copy_initial_weights=False),
         ):
             pass
+
+
+# --- a second review (the session's library diff) ---------------------------------------
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+
+
+def _mse(net: nn.Module):
+    def loss_fn(params: dict, batch: tuple) -> torch.Tensor:
+        x, y = batch
+        return ((torch.func.functional_call(net, params, (x,)) - y) ** 2).mean()
+
+    return loss_fn
+
+
+def test_adapt_refuses_a_torch_optim_optimizer_over_a_subset_of_params() -> None:
+    """It adapted every entry of params, ignoring the optimizer's list (innerloop_ctx
+    honours it): now a difference is refused; adapt= the optimizer's names works."""
+    net = _mlp()
+    params = dict(net.named_parameters())
+    batch = (torch.randn(5, 3, dtype=DT), torch.randn(5, 1, dtype=DT))
+    head = torch.optim.SGD(net[2].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"optimizer holds other tensors.*0\.weight"):
+        tmg.adapt(_mse(net), params, batch, steps=2, optimizer=head, rule=tmg.Exact())
+    out = tmg.adapt(_mse(net), params, batch, steps=2, optimizer=head, rule=tmg.Exact(),
+                    adapt=["2.weight", "2.bias"])  # fmt: skip
+    assert out["0.weight"] is params["0.weight"] and out["2.weight"] is not params["2.weight"]
+
+
+@pytest.mark.parametrize("lr", [-0.1, float("nan")])
+def test_override_lr_of_any_optimizer_is_checked(lr: float) -> None:
+    net = _mlp()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    x = torch.randn(5, 3, dtype=DT)
+    with (
+        pytest.raises(ValueError, match="lr must be a finite float"),
+        tmg.innerloop_ctx(net, opt, override={"lr": [lr]}) as (fnet, diffopt),
+    ):
+        diffopt.step(fnet(x).pow(2).mean())
+
+
+def test_custom_root_default_solve_does_not_warn_at_its_own_tolerance() -> None:
+    """torchopt's solve_normal_cg stops at its own tolerance (1e-5); the plugin judged it
+    against 1e-6 and warned 'raise maxiter or reg' on every call."""
+    n = 30
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    m = q @ torch.diag(torch.logspace(0, 2, n, dtype=DT)) @ q.T
+    a = torch.randn(n, generator=gen, dtype=DT, requires_grad=True)
+
+    @tmg.custom_root(lambda x, a: m @ x - a, argnums=1)
+    def solver(params: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(m, a.detach())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tmg.SolverWarning)
+        (grad,) = torch.autograd.grad(solver(torch.zeros(n, dtype=DT), a).sum(), a)
+    exact = torch.linalg.solve(m, torch.ones(n, dtype=DT))
+    assert float((grad - exact).norm() / exact.norm()) < 1e-4
+
+
+def test_warm_start_at_the_solution_is_not_far_from_stationary() -> None:
+    """The stationarity ratio compared two round-off-sized norms (~1) and warned."""
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(6, 6, generator=gen, dtype=DT)
+    m = b @ b.T + torch.eye(6, dtype=DT)
+    a = torch.randn(6, generator=gen, dtype=DT, requires_grad=True)
+    field = torch.func.grad(lambda x, a: 0.5 * x @ m @ x - a @ x)
+    x_star = torch.linalg.solve(m, a.detach())
+
+    @tmg.custom_root(field, argnums=1, solve=tmg.ImplicitCG(1.0))
+    def solver(params: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(m, a.detach())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tmg.SolverWarning)
+        with tmg.diagnostics.collect() as reports:
+            torch.autograd.grad(solver(x_star.clone(), a).sum(), a)
+    assert reports[0].info.stationarity < 1e-6

@@ -125,7 +125,9 @@ def adapt(
     rule.validate(steps)
     check_batches(batch, batches, steps)
     by_id = {id(t): n for n, t in params.items()}
-    factory, _, _ = step_map_factory(lr, optimizer, steps=steps, names=by_id)
+    factory, _, held = step_map_factory(lr, optimizer, steps=steps, names=by_id)
+    if held is not None:
+        _check_held(held, params, spec.names)
     loss_meta = () if layout is None else tuple(params[n] for n in layout.meta_names)
     needs = rule.needs(steps, meta=bool(loss_meta))
     step_map = factory(spec, needs.proximal)
@@ -236,6 +238,23 @@ def _all_tasks(
     if isinstance(out, tuple):  # Unrolled: the batched loop's graph
         return out
     return Link.apply(out, rule, "tmg.adapt", *thetas)
+
+
+def _check_held(held: Sequence[Tensor], params: Mapping[str, Tensor], names: Sequence[str]) -> None:
+    """A ``torch.optim`` optimizer must hold exactly the adapted tensors: ``tmg.adapt``
+    adapts ``params`` (or ``adapt=``), not the optimizer's list, so a difference would
+    silently adapt other tensors than the optimizer names."""
+    ids = {id(t) for t in held}
+    missing = [n for n in names if id(params[n]) not in ids]
+    extra = len(ids - {id(params[n]) for n in names})
+    if missing or extra:
+        raise ValueError(
+            "optimizer holds other tensors than the ones tmg.adapt adapts"
+            + (f": it does not hold {missing}" if missing else "")
+            + (f"{';' if missing else ':'} it holds {extra} tensor(s) not adapted" if extra else "")
+            + "; pass adapt=[the names of the optimizer's tensors] (the others stay fixed), "
+            "or build the optimizer over every adapted tensor"
+        )
 
 
 def _task_shape(t: Tensor, dim: int | None) -> torch.Size:

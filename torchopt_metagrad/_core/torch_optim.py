@@ -18,6 +18,7 @@ SGD only).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -164,6 +165,11 @@ def translate(
             f"weight decay, nesterov or maximize), got torch.optim.{kind.__name__}"
         )
     settings = [{k: _as_float(v) for k, v in s.items()} for s in settings]
+    for s in settings:  # an override's lr too (torch.optim checked only its own groups)
+        if isinstance(s.get("lr"), float) and not (math.isfinite(s["lr"]) and s["lr"] >= 0):
+            raise ValueError(
+                f"optimizer's lr must be a finite float >= 0 (override included), got {s['lr']}"
+            )
     if all(s == settings[0] for s in settings[1:]):
         return Translated(make(settings[0]), params, None)
     by_name = _named(tensors, names, "settings")
@@ -223,7 +229,8 @@ def _named(
         raise ValueError(
             f"optimizer has {len(tensors)} param groups with different {what}; give the "
             "parameters by name (innerloop_ctx, or tmg.adapt with the optimizer's tensors "
-            "in params)"
+            "in params). Tasks under torch.func.vmap cannot be matched to the optimizer's "
+            "tensors: there, use one group (or a torchopt optimizer), or loop over the tasks"
         )
     out = []
     for group in tensors:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -57,6 +56,10 @@ __all__ = [
 #: (``binomial:order=2,steps=10,label=...``) and of the runner, so a knob with one of
 #: these names would be ambiguous on every recipe's command line.
 RESERVED_KNOBS = frozenset({"name", "steps", "lr", "label", "flow", "seed", "rule"})
+
+
+#: Gradient norms below this count as stationary (sqrt of float32 epsilon).
+STATIONARY_FLOOR = 2.0**-11.5
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,10 @@ class FixedPointRule(AbstractRule):
         return lambda v: v + record.hvp(K, v) / reg
 
     def stationarity(self, record: RecordProtocol) -> float | None:
-        """``||grad F(phi)|| / ||grad F(phi_0)||`` for the proximal inner objective ``F``
-        at the final params and at the start (``None``: the record cannot tell).
+        """``||grad F(phi)|| / max(||grad F(phi_0)||, STATIONARY_FLOOR)`` for the proximal
+        inner objective ``F`` at the final params and at the start (``None``: the record
+        cannot tell); the floor (``sqrt`` of float32's epsilon) keeps a warm start at the
+        solution from reading as "not converged".
 
         Costs two inner-loss gradients (records that support it: ``stationarity(reg)``).
         """
@@ -165,9 +170,10 @@ class FixedPointRule(AbstractRule):
         if found is None:
             return None
         final, start = found
-        if start > 0:
-            return final / start
-        return 0.0 if final == 0 else math.inf
+        # floored: an inner loop that starts at (or near) its solution, e.g. a warm start,
+        # has a ratio of ~1 between two round-off-sized norms; below STATIONARY_FLOOR a
+        # gradient norm counts as stationary
+        return final / max(start, STATIONARY_FLOOR)
 
 
 @dataclass(frozen=True)

@@ -156,14 +156,19 @@ class ImplicitCG(FixedPointRule):
         return Estimate(out.x, info, self.meta_part(record, out.x))
 
 
+#: ``TorchoptSolve``'s default residual tolerance (see its ``tol``).
+TORCHOPT_TOL = 1e-4
+
+
 @dataclass(frozen=True)
 class TorchoptSolve(FixedPointRule):
     """A torchopt linear solve function as an implicit rule (``tmg.custom_root``'s ``solve=``).
 
     ``solve(matvec, b) -> x`` (e.g. ``torchopt.linear_solve.solve_normal_cg(maxiter=5)``)
-    solves the custom-root system ``J^T u = -g``; ``matvec`` is a ``torch.func.vjp`` of
-    the optimality function, so solves that transpose it (normal CG) work. Only records
-    that give the whole system (``tmg.custom_root``) fit: the rule raises elsewhere.
+    solves the custom-root system ``J^T x = g`` (the sign is applied in ``meta_part``);
+    ``matvec`` is a ``torch.func.vjp`` of the optimality function, so solves that
+    transpose it (normal CG) work. Only records that give the whole system
+    (``tmg.custom_root``) fit: the rule raises elsewhere.
     Reports a :class:`CGInfo` (iterations = products, as torchopt does not count) and
     the same warnings as :class:`ImplicitCG` except negative curvature.
 
@@ -171,10 +176,15 @@ class TorchoptSolve(FixedPointRule):
         solve: the torchopt solve function.
         reg: the system's scale (``1``: the optimality function's Jacobian as it is).
         inner_tol: as :class:`ImplicitCG`'s.
+        tol: warn when the true relative residual exceeds it; ``None`` (default):
+            :data:`TORCHOPT_TOL` (1e-4: torchopt's solves stop at 1e-5 on their own
+            residual, e.g. normal CG's, so the true one is judged with 10x slack).
+            ``iterations``/``products`` count the forward products only (normal CG also
+            takes a VJP through each).
     """
 
     solve: Callable[..., Any] = field(kw_only=True)
-    tol: float = field(default=1e-6, kw_only=True)
+    tol: float | None = field(default=None, kw_only=True)
     inner_tol: float | None = field(default=0.1, kw_only=True)
 
     def meta_gradient(self, record: RecordProtocol, g: Tensor) -> Estimate:
@@ -211,6 +221,9 @@ def _finish(
     min_curvature: float,
 ) -> CGInfo:
     """The solve's :class:`CGInfo` (true residual, gain, stationarity) and its warnings."""
+    # a torchopt solve with tol=None stops at its own tolerance (1e-5 by default, on its
+    # own residual): judged with 10x slack on the true one
+    tol = TORCHOPT_TOL if rule.tol is None else rule.tol
     b_norm = float(b.norm())
     residual = float((b - operator(x)).norm()) / b_norm if b_norm > 0 else 0.0
     if not math.isfinite(residual):
@@ -226,7 +239,7 @@ def _finish(
     info = CGInfo(
         iterations=iterations,
         residual=residual,
-        converged=residual <= rule.tol,
+        converged=residual <= tol,
         solver=solver,
         products=products,
         min_curvature=min_curvature,
@@ -235,9 +248,10 @@ def _finish(
     )
     name, reg = type(rule).__name__, float(rule.reg)
     if not info.converged:
+        fix = "raise the torchopt solve's maxiter" if rule.tol is None else "raise maxiter or reg"
         _warn(
             f"{name}: {solver} stopped after {iterations} iterations at relative residual "
-            f"{residual:.3g} > tol={rule.tol:g}; raise maxiter or reg"
+            f"{residual:.3g} > tol={tol:g}; {fix}"
         )
     if solver == "cg" and info.negative_curvature:
         _warn(
