@@ -182,7 +182,10 @@ class Session:
                 "the next task and the next meta-gradient would run over both tasks. Before "
                 "each task restore the module's parameters (torchopt.recover_state_dict(net, "
                 "state) with a state extracted by reference before the first step, as "
-                "torchopt's MAML examples do) or call reset() on the optimizer"
+                "torchopt's MAML examples do) or call reset() on the optimizer. (A backward "
+                "in the middle of one task's inner loop, e.g. a per-step meta-loss, also "
+                "ends the loop here: the rules differentiate a finished inner loop; use "
+                "tmg.Unrolled() with torchopt's optimizer for per-step meta-losses.)"
             )
 
 
