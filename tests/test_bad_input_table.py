@@ -11,24 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call
 
 import torchopt_metagrad as tmg
+from tests.test_bad_inputs import _problem  # the same tiny ReLU net and loss
 
 D = torch.float64
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _problem():  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 1)).to(D)
-    x, y = torch.randn(8, 2, dtype=D), torch.randn(8, 1, dtype=D)
-
-    def loss(p, b):  # type: ignore[no-untyped-def]
-        return ((functional_call(net, p, (b[0],)) - b[1]) ** 2).mean()
-
-    return net, loss, x, y
 
 
 def _meta_grad(net, loss, x, y, **kw):  # type: ignore[no-untyped-def]
