@@ -15,6 +15,7 @@ and every rank takes the same outer step, so the meta-parameters stay identical:
         sum(task_loss(t) for t in tasks).div(global_batch).backward()
         tmg.distributed.average_meta_gradients(model, scale="sum")   # sum of the shares
         meta_opt.step()
+    tmg.distributed.teardown()                          # every rank: barrier, then leave
 
 Why not ``DistributedDataParallel``: DDP's reducer hooks fire during the backward of the
 graph it wraps and do not mix with the double backward and the reentrant backward of the
@@ -45,6 +46,7 @@ __all__ = [
     "share",
     "task_range",
     "task_seed",
+    "teardown",
 ]
 
 
@@ -88,6 +90,22 @@ def setup(backend: str | None = None, *, timeout: timedelta = timedelta(minutes=
         dist.init_process_group(backend=backend, timeout=timeout)
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     return RankInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def teardown(group: object = None) -> None:
+    """Leave the process group cleanly at the end of a job (a no-op alone).
+
+    Waits at a barrier until every rank is done with its collectives, then destroys the
+    group. Without the barrier, a rank that finishes first and tears gloo down while a peer
+    is still in (or just past) the last all-reduce can die with ``terminate called without
+    an active exception`` (SIGABRT) at exit: seen about once in 15 two-process runs on
+    torch 2.13. Call it on the success path only: after a rank has failed, the barrier
+    would wait for the collective timeout.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    dist.barrier(group=group)  # type: ignore[arg-type]
+    dist.destroy_process_group(group)  # type: ignore[arg-type]
 
 
 def share(global_batch: int, info: RankInfo) -> int:

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+import torchopt_metagrad as tmg
+
 __all__ = ["StopFlag", "graceful_stop", "run_cli"]
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -87,4 +89,7 @@ def run_cli(
             file=sys.stderr,
         )
         sys.exit(130)
+    # Under torchrun: every rank waits for the others, then leaves the group (a bare exit
+    # with gloo threads alive can abort). After an error above, nobody waits.
+    tmg.distributed.teardown()
     sys.exit(3 if interrupted(result) else 0)
