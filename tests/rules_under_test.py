@@ -134,6 +134,9 @@ ROWS: tuple[RuleUnderTest, ...] = (
                   ALL_FRONT_ENDS, terms=StepTerms(), rtol=1e-9),
     RuleUnderTest(tmg.Exact(), "step_product", "step_product", ALL_FRONT_ENDS,
                   terms=StepTerms(), exact=True),
+    # the last steps' graphs kept from the forward (tmg.adapt only: a known horizon)
+    RuleUnderTest(tmg.Exact(keep_graphs=2), "step_product", "step_product", (ADAPT,),
+                  terms=StepTerms(), exact=True),
     # ---- the kept unrolled graph: the exact product, and differentiable again
     RuleUnderTest(tmg.Unrolled(), "graph", "step_product", ALL_FRONT_ENDS,
                   terms=StepTerms(), stores_snapshots=False, exact=True, higher_order=True),

@@ -211,8 +211,8 @@ def _all_tasks(
     thetas = [params[n] for n in names]
     theta_dims = [p_dims[n] for n in names]
     needs = rule.needs(steps)
-    if needs.checkpoints is not None:
-        return None  # the per-task records recompute between checkpoints
+    if needs.checkpoints is not None or needs.kept_graphs:
+        return None  # per-task records: they recompute between checkpoints, or keep graphs
     try:
         out = run_batched(
             fn,

@@ -87,6 +87,13 @@ class InnerLoop:
         self.meta = Meta(step_map.meta, tuple(t for t in loss_meta if t.requires_grad))
         self._store_from = 0
         self._every = 1
+        # Exact(keep_graphs=m): the last m steps of a known horizon keep their gradient's
+        # graph. Planned here, before step 0 (which may be one of them); the meta-parameters
+        # found at step 0 do not change m.
+        self._keep_from: int | None = None  # first step stored with its graph
+        if horizon is not None and not unrolled:
+            m = needs(horizon, bool(self.meta)).kept_graphs
+            self._keep_from = horizon - m if m else None
         self._block: Tensor | None = None
         self._chain = object()  # identifies this loop's records (see Record.blocked)
         with torch.set_grad_enabled(unrolled and torch.is_grad_enabled()):
@@ -120,12 +127,16 @@ class InnerLoop:
         horizon = self.horizon
         self._store_from = 0 if horizon is None else min(self.first_needed(horizon), horizon)
         if horizon is not None:  # Exact(snapshots=n): a state every `_every` steps
-            n = self._needs(horizon, bool(self.meta)).checkpoints
+            needs = self._needs(horizon, bool(self.meta))
+            n = needs.checkpoints
             self._every = 1 if n is None else -(-(horizon - self._store_from) // n)
+            if self._keep_from is not None:  # Exact(keep_graphs=m): see __init__
+                self._keep_from = max(self._keep_from, self._store_from)
         # With a known horizon the snapshots are rows of one block, so a batched stage
         # takes a view of consecutive rows instead of stacking copies.
-        if horizon is not None and not self.unrolled and horizon > self._store_from:
-            rows = -(-(horizon - self._store_from) // self._every)
+        last = horizon if self._keep_from is None else self._keep_from
+        if last is not None and not self.unrolled and last > self._store_from:
+            rows = -(-(last - self._store_from) // self._every)
             self._block = self.z.new_empty((rows, self.step_map.dim))
 
     def _check_no_new_closed(self, value: Tensor, stop: list[Tensor], k: int) -> None:
@@ -172,9 +183,12 @@ class InnerLoop:
         return self.z[: self.spec.numel]
 
     def step(self, loss: StepLoss, *, what: str | None = None) -> None:
-        """Take one step with the inner loss ``loss`` (evaluated here, replayable later)."""
+        """Take one step with the inner loss ``loss`` (evaluated here, replayable later;
+        or, among the last ``kept_graphs`` steps of a known horizon, stored with its
+        gradient's graph)."""
         k, P = self.n, self.spec.numel
         store = not self.unrolled and k >= self._store_from
+        keep = store and self._keep_from is not None and k >= self._keep_from
         # Graph-free, the loss's own meta-parameters enter as leaf copies, so the graph
         # walk below finds every closed-over use of a tensor (even of one passed in params).
         stand_ins = None if self.unrolled else tuple(_leaf(t) for t in loss.meta)
@@ -188,7 +202,7 @@ class InnerLoop:
             loss.mutates = self._mutates
             value = check_loss(value, k, what or self.what)
             try:
-                (grad,) = torch.autograd.grad(value, leaf, create_graph=self.unrolled)
+                (grad,) = torch.autograd.grad(value, leaf, create_graph=self.unrolled or keep)
             except RuntimeError:
                 # walk the graph only when autograd failed: no cost on the happy path
                 if not reaches(value, [leaf]):
@@ -200,7 +214,16 @@ class InnerLoop:
             store = not self.unrolled and k >= self._store_from
         elif not self.unrolled:
             self._check_no_new_closed(value, [leaf, *(stand_ins or ())], k)
-        entry = Snapshot(self._keep(k), self.aux, loss) if store else None
+        entry: Snapshot | Kept | None = None
+        if keep:
+            state = self.z[P:].detach().clone().requires_grad_(True) if self.z.numel() > P else None
+            used = tuple(
+                s for s, t in zip(stand_ins or (), loss.meta, strict=True) if t.requires_grad
+            )
+            entry = Kept((leaf,), (grad,), state, self.aux, flat=True, loss_meta=used)
+            grad = grad.detach()
+        elif store:
+            entry = Snapshot(self._keep(k), self.aux, loss)
         self.last_loss = None if self.unrolled else loss
         self._advance(grad, entry)
 

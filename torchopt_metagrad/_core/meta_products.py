@@ -63,8 +63,9 @@ class MetaProducts:
         if not hasattr(entry, "loss"):  # a kept step
             w_step, _ = self.meta.copies()
             delta = entry.delta(self.spec, step_map, w_step)
+            inputs = (*entry.inputs, *w_step, *entry.loss_meta, *self.meta.closed)
             with blocking(self.chain):
-                grads = pull_list([delta], (*entry.inputs, *w_step, *self.meta.closed), [v])
+                grads = pull_list([delta], inputs, [v])
             n = len(entry.inputs)
             a = torch.cat([g.reshape(-1) for g in grads[:n]]) if want_state else None
             return a, self._flat_meta(grads[n:])

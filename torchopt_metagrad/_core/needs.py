@@ -38,6 +38,10 @@ class Needs:
         checkpoints: store at most this many states (every ``ceil(K / checkpoints)``-th
             from ``snapshots_from`` on) and recompute the others from them in the
             backward; ``None``: store every state. Needs a known number of steps.
+        kept_graphs: keep the inner gradient's autograd graph of the last this many steps
+            (``create_graph=True`` in the forward) instead of rebuilding it in the
+            backward: less time, that many step graphs more memory. Needs a known number
+            of steps.
     """
 
     snapshots_from: int
@@ -50,6 +54,7 @@ class Needs:
     step_meta: bool = True
     meta_params: bool = True
     checkpoints: int | None = None
+    kept_graphs: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,12 @@ def check_fit(rule: object, needs: Needs, offers: Offers) -> None:
         raise ValueError(
             f"{what} with checkpoints spaces them over a known number of inner steps, which "
             f"{offers.name} does not know in advance; use tmg.adapt, or store every state"
+        )
+    if needs.kept_graphs and not offers.horizon:
+        raise ValueError(
+            f"{what} with keep_graphs keeps the graphs of the last inner steps, which "
+            f"{offers.name} cannot tell in advance (it does not know the number of steps); "
+            "use tmg.adapt, or keep_graphs=0"
         )
     if needs.flow and not offers.flow_samples:
         raise ValueError(

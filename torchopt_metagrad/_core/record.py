@@ -17,6 +17,7 @@ the inner loss, the loss used for curvature at ``z_K`` (the last step's).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,10 +62,37 @@ class Kept:
     grads: tuple[Tensor, ...]
     state: Tensor | None  # the optimizer state before the step, as a leaf
     aux: Aux
+    #: ``params``/``grads`` are one flat tensor each (``tmg.adapt``'s kept steps), not
+    #: one per parameter tensor (the module front end's ``step(loss)``).
+    flat: bool = False
+    #: leaf copies through which the loss's meta-parameters (``Meta.loss``) entered the
+    #: kept graph, in order (``tmg.adapt``; empty for the module front end).
+    loss_meta: tuple[Tensor, ...] = ()
 
     @property
     def inputs(self) -> tuple[Tensor, ...]:
         return self.params if self.state is None else (*self.params, self.state)
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of the step, in the order :meth:`refilled` takes them back."""
+        state = () if self.state is None else (self.state,)
+        return [*self.params, *self.grads, *state, *self.loss_meta]
+
+    def refilled(self, it: Iterator[Tensor]) -> Kept:
+        """The step with its tensors taken from ``it`` (see :meth:`tensors`)."""
+
+        def take(n: int) -> tuple[Tensor, ...]:
+            return tuple(next(it) for _ in range(n))
+
+        params, grads = take(len(self.params)), take(len(self.grads))
+        state = None if self.state is None else next(it)
+        return dataclasses.replace(
+            self, params=params, grads=grads, state=state, loss_meta=take(len(self.loss_meta))
+        )
+
+    def split(self, spec: FlatSpec, v: Tensor) -> tuple[Tensor, ...]:
+        """A parameter-sized vector laid out as ``params``."""
+        return (v,) if self.flat else tuple(spec.split(v))
 
     def delta(
         self, spec: FlatSpec, step_map: AbstractStepMap, w: tuple[Tensor, ...] = ()
@@ -72,10 +100,13 @@ class Kept:
         """``Delta_k`` rebuilt from the kept gradient, with its graph (``w``: see
         :meth:`AbstractStepMap.delta`)."""
         with torch.enable_grad():
-            z = spec.flatten(self.params)
+            if self.flat:
+                z, grad = self.params[0], self.grads[0]
+            else:
+                z, grad = spec.flatten(self.params), spec.flatten(self.grads)
             if self.state is not None:
                 z = torch.cat([z, self.state])
-            return step_map.delta(z, spec.flatten(self.grads), self.aux, w)
+            return step_map.delta(z, grad, self.aux, w)
 
 
 @dataclass(eq=False)
@@ -158,10 +189,12 @@ class Record(MetaProducts):
         if self.anchor is not None:
             taken.append(self.anchor)
             self.anchor = empty
-        self.entries = [
-            dataclasses.replace(e, z=empty) if isinstance(e, Snapshot) and e.z is not None else e
-            for e in self.entries
-        ]
+        # tmg.adapt's kept steps too: saved, their graphs live exactly as long as autograd
+        # keeps the node's saved tensors (freed by the backward unless retain_graph=True).
+        for e in self.entries:
+            if isinstance(e, Kept) and e.flat:
+                taken += e.tensors()
+        self.entries = [_emptied(e, empty) for e in self.entries]
         self._segment = {}
         self.final = empty
         return taken
@@ -178,6 +211,9 @@ class Record(MetaProducts):
         self.final = next(it)
         if self.anchor is not None:
             self.anchor = next(it)
+        self.entries = [
+            e.refilled(it) if isinstance(e, Kept) and e.flat else e for e in self.entries
+        ]
 
     # -- what the one autograd node uses ----------------------------------------------------
     def outputs(self) -> tuple[Tensor, ...]:
@@ -363,7 +399,7 @@ class Record(MetaProducts):
             entry = self._entry(k)
             if isinstance(entry, Kept):
                 self.products += 1
-                return pull(entry.grads, entry.params, self.spec.split(v))
+                return pull(entry.grads, entry.params, entry.split(self.spec, v))
         params = self.snapshot(k)[: self.param_dim]
         return self.hvp_at(params, v, k=min(k, max(self.steps - 1, 0)))
 
@@ -393,6 +429,15 @@ class Record(MetaProducts):
             leaf = params if create_graph else params.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(loss(leaf), leaf, create_graph=create_graph)
         return -grad
+
+
+def _emptied(entry: Snapshot | Kept, empty: Tensor) -> Snapshot | Kept:
+    """``entry`` with the tensors :meth:`Record.take_tensors` took replaced by ``empty``."""
+    if isinstance(entry, Snapshot):
+        return entry if entry.z is None else dataclasses.replace(entry, z=empty)
+    if not entry.flat:
+        return entry
+    return entry.refilled(iter([empty] * len(entry.tensors())))
 
 
 def _with_z(entry: Snapshot | Kept, z: Any) -> Snapshot | Kept:

@@ -122,18 +122,35 @@ class Exact(StepProductRule):
     memory ``n + s`` snapshots; ``n ~ sqrt(K)`` minimizes it (``tmg.adapt`` only: the
     number of steps must be known). Same result as storing every state.
 
+    ``keep_graphs=m`` goes the other way: the last ``m`` steps keep their inner
+    gradient's graph from the forward (``create_graph=True``), so the backward rebuilds
+    ``K - m`` step graphs instead of ``K``: less time, ``m`` step graphs more memory
+    (``m = K`` is unrolled backprop's memory; ``tmg.adapt`` only). The tasks of a
+    meta-batch then run one after another (their graphs cannot be kept under vmap).
+    Same result.
+
     Args:
         snapshots: the most states to store (``None``: every state).
+        keep_graphs: how many of the last steps keep their graph (0: none).
     """
 
     snapshots: int | None = None
+    keep_graphs: int = 0
 
     def __post_init__(self) -> None:
         if self.snapshots is not None:
             check_int(self.snapshots, "snapshots", minimum=1)
+        check_int(self.keep_graphs, "keep_graphs", minimum=0)
+        if self.snapshots is not None and self.keep_graphs:
+            raise ValueError(
+                "Exact: snapshots= (less memory, more time) and keep_graphs= (more memory, "
+                "less time) go opposite ways; give one of them"
+            )
 
     def needs(self, steps: int, *, meta: bool = False) -> Needs:
         needs = super().needs(steps, meta=meta)
+        if self.keep_graphs:
+            return dataclasses.replace(needs, kept_graphs=min(self.keep_graphs, steps))
         if self.snapshots is None:
             return needs
         return dataclasses.replace(needs, checkpoints=self.snapshots)
