@@ -8,7 +8,10 @@ either
   :class:`~torchopt_metagrad._core.replay.StepLoss`; ``A_k v`` is recomputed there by the
   engine (batched with vmap when the losses allow it); or
 * a :class:`Kept` step — the gradient of the step's loss with its autograd graph (the
-  module front end's ``step(loss)``); ``A_k v`` is one VJP through it.
+  module front end's ``step(loss)``, ``tmg.adapt``'s last ``Exact(keep_graphs=m)``
+  steps); ``A_k v`` is one VJP through it.
+
+Both live in :mod:`~torchopt_metagrad._core.entries`.
 
 A record always holds the final state ``z_K`` and, when the front end can recompute
 the inner loss, the loss used for curvature at ``z_K`` (the last step's).
@@ -17,7 +20,6 @@ the inner loss, the loss used for curvature at ``z_K`` (the last step's).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,7 @@ from torch import Tensor
 from torchopt_metagrad._core import engine
 from torchopt_metagrad._core.checkpoints import recompute_segment
 from torchopt_metagrad._core.engine import Meta
+from torchopt_metagrad._core.entries import Kept, Snapshot, emptied
 from torchopt_metagrad._core.flat import FlatSpec
 from torchopt_metagrad._core.meta_products import MetaProducts
 from torchopt_metagrad._core.pull import is_blocked, pull
@@ -38,75 +41,6 @@ from torchopt_metagrad._core.stack import vmap_failed as _vmap_failed
 from torchopt_metagrad._core.steps import AbstractStepMap, Aux
 
 __all__ = ["Kept", "Record", "Snapshot"]
-
-
-@dataclass(frozen=True, eq=False)
-class Snapshot:
-    """A step stored as its state (``None``: recomputed from a checkpoint), integer
-    optimizer state, and replayable loss."""
-
-    z: Tensor | None
-    aux: Aux
-    loss: StepLoss
-
-
-@dataclass(frozen=True, eq=False)
-class Kept:
-    """A step stored as its inner gradient with the graph (``create_graph=True``).
-
-    ``Delta_k`` is rebuilt from these for each product, so a step keeps one
-    parameter-sized vector beyond its autograd graph.
-    """
-
-    params: tuple[Tensor, ...]
-    grads: tuple[Tensor, ...]
-    state: Tensor | None  # the optimizer state before the step, as a leaf
-    aux: Aux
-    #: ``params``/``grads`` are one flat tensor each (``tmg.adapt``'s kept steps), not
-    #: one per parameter tensor (the module front end's ``step(loss)``).
-    flat: bool = False
-    #: leaf copies through which the loss's meta-parameters (``Meta.loss``) entered the
-    #: kept graph, in order (``tmg.adapt``; empty for the module front end).
-    loss_meta: tuple[Tensor, ...] = ()
-
-    @property
-    def inputs(self) -> tuple[Tensor, ...]:
-        return self.params if self.state is None else (*self.params, self.state)
-
-    def tensors(self) -> list[Tensor]:
-        """Every tensor of the step, in the order :meth:`refilled` takes them back."""
-        state = () if self.state is None else (self.state,)
-        return [*self.params, *self.grads, *state, *self.loss_meta]
-
-    def refilled(self, it: Iterator[Tensor]) -> Kept:
-        """The step with its tensors taken from ``it`` (see :meth:`tensors`)."""
-
-        def take(n: int) -> tuple[Tensor, ...]:
-            return tuple(next(it) for _ in range(n))
-
-        params, grads = take(len(self.params)), take(len(self.grads))
-        state = None if self.state is None else next(it)
-        return dataclasses.replace(
-            self, params=params, grads=grads, state=state, loss_meta=take(len(self.loss_meta))
-        )
-
-    def split(self, spec: FlatSpec, v: Tensor) -> tuple[Tensor, ...]:
-        """A parameter-sized vector laid out as ``params``."""
-        return (v,) if self.flat else tuple(spec.split(v))
-
-    def delta(
-        self, spec: FlatSpec, step_map: AbstractStepMap, w: tuple[Tensor, ...] = ()
-    ) -> Tensor:
-        """``Delta_k`` rebuilt from the kept gradient, with its graph (``w``: see
-        :meth:`AbstractStepMap.delta`)."""
-        with torch.enable_grad():
-            if self.flat:
-                z, grad = self.params[0], self.grads[0]
-            else:
-                z, grad = spec.flatten(self.params), spec.flatten(self.grads)
-            if self.state is not None:
-                z = torch.cat([z, self.state])
-            return step_map.delta(z, grad, self.aux, w)
 
 
 @dataclass(eq=False)
@@ -194,7 +128,7 @@ class Record(MetaProducts):
         for e in self.entries:
             if isinstance(e, Kept) and e.flat:
                 taken += e.tensors()
-        self.entries = [_emptied(e, empty) for e in self.entries]
+        self.entries = [emptied(e, empty) for e in self.entries]
         self._segment = {}
         self.final = empty
         return taken
@@ -429,20 +363,3 @@ class Record(MetaProducts):
             leaf = params if create_graph else params.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(loss(leaf), leaf, create_graph=create_graph)
         return -grad
-
-
-def _emptied(entry: Snapshot | Kept, empty: Tensor) -> Snapshot | Kept:
-    """``entry`` with the tensors :meth:`Record.take_tensors` took replaced by ``empty``."""
-    if isinstance(entry, Snapshot):
-        return entry if entry.z is None else dataclasses.replace(entry, z=empty)
-    if not entry.flat:
-        return entry
-    return entry.refilled(iter([empty] * len(entry.tensors())))
-
-
-def _with_z(entry: Snapshot | Kept, z: Any) -> Snapshot | Kept:
-    """``entry`` with its stored state replaced (``z`` a tensor, or an iterator of them);
-    kept steps and states left to recompute are unchanged."""
-    if not isinstance(entry, Snapshot) or entry.z is None:
-        return entry
-    return dataclasses.replace(entry, z=z if isinstance(z, Tensor) else next(z))
