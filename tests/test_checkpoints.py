@@ -84,10 +84,9 @@ def test_checkpointed_exact_equals_exact_and_unrolled(case, snapshots):
     assert _rel(_grads(tmg.Unrolled(), **kw), ref) < 1e-12
 
 
-@pytest.mark.parametrize("snapshots", [1, 3, 4, K])
-def test_the_backward_reruns_the_forward_once(snapshots):
-    """Loss evaluations: K in the forward, K in Exact's backward (one per product), and
-    the K - (number of checkpoints) steps recomputed between checkpoints."""
+def loss_calls(rule: tmg.AbstractRule) -> tuple[int, int]:
+    """Inner-loss evaluations of ``tmg.adapt`` with ``rule`` (K steps): in the forward,
+    and in the backward (the outer loss's own evaluation not counted)."""
     net, x, y = _problem()
     params = dict(net.named_parameters())
     calls = {"n": 0}
@@ -96,10 +95,17 @@ def test_the_backward_reruns_the_forward_once(snapshots):
         calls["n"] += 1
         return ((functional_call(net, p, (b[0],)) - b[1]) ** 2).mean()
 
-    out = tmg.adapt(loss, params, (x, y), steps=K, lr=0.05, rule=tmg.Exact(snapshots=snapshots))
+    out = tmg.adapt(loss, params, (x, y), steps=K, lr=0.05, rule=rule)
     forward = calls["n"]
     torch.autograd.grad(loss(out, (x, y)), list(params.values()))
-    backward = calls["n"] - forward - 1
+    return forward, calls["n"] - forward - 1
+
+
+@pytest.mark.parametrize("snapshots", [1, 3, 4, K])
+def test_the_backward_reruns_the_forward_once(snapshots):
+    """Loss evaluations: K in the forward, K in Exact's backward (one per product), and
+    the K - (number of checkpoints) steps recomputed between checkpoints."""
+    forward, backward = loss_calls(tmg.Exact(snapshots=snapshots))
     stored = math.ceil(K / math.ceil(K / snapshots))
     assert forward == K
     assert backward == K + (K - stored)
