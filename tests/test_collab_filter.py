@@ -5,6 +5,7 @@ tiny end-to-end study with a stop and an exact resume."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import zipfile
@@ -248,6 +249,8 @@ def test_end_to_end_two_methods_and_resume(tmp_path):
     full = main([*argv, "--out", str(tmp_path / "full")])
     assert set(full["ranking"]) == {"first_order", "MAML"}
     assert full["tasks"]["tasks"] == 30 and full["tasks"]["test_tasks"] == 6
+    written = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert list(written)[:2] == ["dataset", "setting"] and written["ranking"] == full["ranking"]
     for entry in full["methods"].values():
         assert len(entry["nrmse_mean"]) == 2 and all(0 < v < 1 for v in entry["nrmse_mean"])
         assert entry["paper"] is None
@@ -273,3 +276,11 @@ def test_end_to_end_two_methods_and_resume(tmp_path):
     assert main([*argv[2:], "--data", str(moved), "--out", str(cut), "--resume"])["ranking"]
     with pytest.raises(FileNotFoundError, match="no such file"):
         main([*argv[2:], "--data", str(tmp_path / "missing.data"), "--out", str(tmp_path / "m")])
+
+
+def test_plots_of_a_finished_study(tmp_path):
+    """With plots on: nRMSE against meta-steps and against test-time adaptation steps."""
+    argv = [a for a in tiny_study(tmp_path) if a != "--no-plots"]
+    main([*argv, "--out", str(tmp_path / "plots")])
+    for name in ("test_nrmse_vs_meta_step.png", "nrmse_vs_adaptation_steps.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 1000, name

@@ -36,12 +36,11 @@ from recipes.collab_filter.paper import paper_value
 from recipes.collab_filter.synthetic import SYNTHETIC, generate, stats
 from recipes.collab_filter.tasks import CollabFilterProblem, build_tasks
 from recipes.common.checkpoint import CheckpointError
-from recipes.common.compare import Evaluation, compare, parse_methods
+from recipes.common.compare import Evaluation, StepsCurve, compare, parse_methods
 from recipes.common.config import TrainConfig, option, parse_config
 from recipes.common.env import cpu_threads, resolve_device, resolve_dtype
 from recipes.common.methods import Method
 from recipes.common.metrics import write_json
-from recipes.common.plotting import plot_curves
 from recipes.common.runner import Callback, RunResult
 
 __all__ = ["DATASETS", "SETTINGS", "CollabFilterConfig", "main"]
@@ -274,27 +273,17 @@ def _run(config: CollabFilterConfig, callbacks: Sequence[Callback]) -> dict[str,
         columns=[*(f"{s} steps" for s in test_steps), "paper"],
         title=title,
         curve=("eval/test_nrmse", f"test nRMSE after {config.steps} steps"),
+        steps_curve=StepsCurve(test_steps, "nrmse", "nRMSE (mean ± std over users)"),
+        header={
+            "dataset": config.dataset,
+            "setting": setting,
+            "steps": config.steps,
+            "maml_steps": config.maml_steps,
+            "meta_steps": config.meta_steps,
+            "test_steps": test_steps,
+            "data": data,
+            "tasks": counts,
+        },
         callbacks=callbacks,
     )
-    summary = {
-        "dataset": config.dataset,
-        "setting": setting,
-        "steps": config.steps,
-        "maml_steps": config.maml_steps,
-        "meta_steps": config.meta_steps,
-        "test_steps": test_steps,
-        "data": data,
-        "tasks": counts,
-        **summary,
-    }
-    write_json(out / "results.json", summary)
-    done = {k: v for k, v in summary["methods"].items() if "nrmse_mean" in v}
-    if config.plots and "ranking" in summary:
-        plot_curves(
-            out / "nrmse_vs_adaptation_steps.png",
-            {k: (test_steps, done[k]["nrmse_mean"], done[k]["nrmse_std"]) for k in done},
-            xlabel="test-time GD steps",
-            ylabel="nRMSE (mean ± std over users)",
-            title=title.split(";")[0],
-        )
     return summary

@@ -44,7 +44,7 @@ from recipes.common.runner import (
 )
 from recipes.common.tables import markdown_table
 
-__all__ = ["Evaluation", "check_study", "compare", "parse_methods"]
+__all__ = ["Evaluation", "StepsCurve", "check_study", "compare", "parse_methods"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,18 @@ class Evaluation:
     data: dict[str, Any] = field(default_factory=dict)
     csv_rows: Sequence[dict[str, Any]] = ()
     per_task: Sequence[float] | None = None
+
+
+@dataclass(frozen=True)
+class StepsCurve:
+    """A plot of each method's test score against the number of test-time adaptation
+    steps, from its ``results.json`` entry (``{key}_mean`` and ``{key}_std``, one value
+    per entry of ``steps``), written to ``{key}_vs_adaptation_steps.png``."""
+
+    steps: Sequence[int]
+    key: str
+    ylabel: str
+    logx: bool = False
 
 
 #: |t| at or above which a paired gap counts as real (two-sided ~5% for >= 30 tasks).
@@ -146,6 +158,8 @@ def compare(
     title: str,
     higher_is_better: bool = False,
     curve: tuple[str, str] | None = None,
+    steps_curve: StepsCurve | None = None,
+    header: dict[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Train and evaluate every method; see the module docstring.
@@ -153,10 +167,12 @@ def compare(
     Args:
         curve: ``(record key, axis label)`` of the periodic evaluation to plot against the
             meta-step for every method (e.g. ``("eval/val_accuracy", "accuracy")``).
+        steps_curve: also plot the final scores against test-time adaptation steps.
+        header: the recipe's own entries, first in ``results.json`` and the result.
 
     Returns:
-        ``{"methods": {label: entry}, "interrupted": bool, "ranking": [labels]}`` (no
-        ranking when a method stopped early); each entry has ``method`` (its spec),
+        ``{**header, "methods": {label: entry}, "interrupted": bool, "ranking": [labels]}``
+        (no ranking when a method stopped early); each entry has ``method`` (its spec),
         ``inner_steps``, ``step``, ``train_time_s``, ``step_time_s`` and the evaluation's
         data.
 
@@ -210,7 +226,7 @@ def compare(
         evaluations[method.display] = evaluation = evaluate(method, run)
         entry.update(evaluation.data)
         entry["eval_time_s"] = time.perf_counter() - start
-    summary: dict[str, Any] = {"methods": results, "interrupted": interrupted}
+    summary: dict[str, Any] = {**(header or {}), "methods": results, "interrupted": interrupted}
     if not interrupted:
         ranking = sorted(evaluations, key=lambda k: evaluations[k].score, reverse=higher_is_better)
         summary["ranking"] = ranking
@@ -220,8 +236,22 @@ def compare(
             records,
         )  # fmt: skip
     write_json(out / "results.json", summary)
+    if steps_curve is not None and config.plots and "ranking" in summary:
+        _plot_steps_curve(out, summary["methods"], steps_curve, title)
     print(f"{recipe}: outputs in {out} (results.json, summary.csv, plots; one folder per method)")
     return summary
+
+
+def _plot_steps_curve(out: Path, methods: dict[str, Any], curve: StepsCurve, title: str) -> None:
+    mean, std = f"{curve.key}_mean", f"{curve.key}_std"
+    plot_curves(
+        out / f"{curve.key}_vs_adaptation_steps.png",
+        {k: (list(curve.steps), v[mean], v[std]) for k, v in methods.items() if mean in v},
+        xlabel="test-time GD steps",
+        ylabel=curve.ylabel,
+        logx=curve.logx,
+        title=title.split(";")[0],
+    )
 
 
 def _neighbours(evaluations: dict[str, Evaluation], ranking: list[str]) -> list[dict[str, Any]]:

@@ -31,7 +31,6 @@ from recipes.common.config import option, parse_config
 from recipes.common.env import cpu_threads, resolve_device, resolve_dtype, seed_everything
 from recipes.common.inner import InnerConfig, InnerParams, inner_options
 from recipes.common.methods import Method
-from recipes.common.metrics import write_json
 from recipes.common.runner import Callback, RunResult
 from recipes.fewshot.datasets import DATASETS, DataSpec, load_splits
 from recipes.fewshot.models import MODELS
@@ -212,15 +211,14 @@ def run(config: FewshotConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
         title=title,
         higher_is_better=True,
         curve=("eval/val_accuracy", f"meta-val accuracy after {config.test_steps} steps"),
+        header={"dataset": config.dataset, "untrained": untrained},
         callbacks=callbacks,
     )
-    summary = {"dataset": config.dataset, "untrained": untrained, **summary}
     print(
         f"untrained initialization, same tasks and adaptation: "
         f"{_pct(untrained['test_accuracy'], untrained['test_ci95'])} %",
         flush=True,
     )
-    write_json(out / "results.json", summary)
     return summary
 
 

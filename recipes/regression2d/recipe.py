@@ -30,12 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from recipes.common.compare import Evaluation, compare, parse_methods
+from recipes.common.compare import Evaluation, StepsCurve, compare, parse_methods
 from recipes.common.config import TrainConfig, option, parse_config
 from recipes.common.env import cpu_threads, resolve_device, resolve_dtype
 from recipes.common.methods import Method
-from recipes.common.metrics import write_json
-from recipes.common.plotting import plot_curves
 from recipes.common.runner import Callback, RunResult
 from recipes.regression2d.functions import FAMILIES, RegressionProblem
 
@@ -196,23 +194,12 @@ def _run(config: Regression2DConfig, callbacks: Sequence[Callback]) -> dict[str,
         columns=[f"{s} steps" for s in test_steps],
         title=title,
         curve=("eval/test_nrmse", f"test nRMSE after {config.steps} steps"),
+        steps_curve=StepsCurve(test_steps, "nrmse", "nRMSE (mean ± std over tasks)", logx=True),
+        header={
+            "function": config.function,
+            "setting": config.setting,
+            "test_steps": test_steps,
+        },
         callbacks=callbacks,
     )
-    summary = {
-        "function": config.function,
-        "setting": config.setting,
-        "test_steps": test_steps,
-        **summary,
-    }
-    write_json(out / "results.json", summary)
-    done = {k: v for k, v in summary["methods"].items() if "nrmse_mean" in v}
-    if config.plots and "ranking" in summary:
-        plot_curves(
-            out / "nrmse_vs_adaptation_steps.png",
-            {k: (test_steps, done[k]["nrmse_mean"], done[k]["nrmse_std"]) for k in done},
-            xlabel="test-time GD steps",
-            ylabel="nRMSE (mean ± std over tasks)",
-            logx=True,
-            title=title.split(";")[0],
-        )
     return summary
