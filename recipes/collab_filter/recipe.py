@@ -37,7 +37,7 @@ from recipes.collab_filter.synthetic import SYNTHETIC, generate, stats
 from recipes.collab_filter.tasks import CollabFilterProblem, build_tasks
 from recipes.common.checkpoint import CheckpointError
 from recipes.common.compare import Evaluation, StepsCurve, compare, parse_methods
-from recipes.common.config import TrainConfig, option, parse_config
+from recipes.common.config import TrainConfig, option, parse_config, vmap_tasks_option
 from recipes.common.env import cpu_threads, resolve_device, resolve_dtype
 from recipes.common.methods import Method
 from recipes.common.metrics import write_json
@@ -97,11 +97,7 @@ class CollabFilterConfig(TrainConfig):
     meta_steps: int = option(5000, "meta-steps per method (the paper's 5,000)", volatile=True)
     eval_every: int = option(500, "log the test nRMSE after --steps steps every this many")
     checkpoint_every: int = option(100, "checkpoint every this many meta-steps", volatile=True)
-    vmap_tasks: bool = option(
-        True,
-        "run a meta-batch's tasks together under torch.func.vmap (rules only; Reptile runs "
-        "per task); faster for this small MLP on CPU",
-    )
+    vmap_tasks: bool = vmap_tasks_option(True, "faster for this small MLP on CPU")
 
     def __post_init__(self) -> None:
         shots, query = SETTINGS[self.setting]

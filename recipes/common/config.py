@@ -64,6 +64,16 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def vmap_tasks_option(default: bool, note: str = "") -> Any:
+    """The ``--vmap-tasks`` option with a recipe's default (and a note on its speed)."""
+    return option(
+        default,
+        "run a meta-batch's tasks together under torch.func.vmap (the same meta-gradient up "
+        "to float round-off; methods that cannot, reptile and flow=, run the loop)"
+        + (f"; {note}" if note else ""),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Options every recipe has: seeding, device, where to write, how to report."""
@@ -122,11 +132,7 @@ class TrainConfig(RunConfig):
     )
     outer_decay_steps: int = option(0, "meta-steps of the cosine / step schedule")
     outer_gamma: float = option(0.5, "factor of the step schedule")
-    vmap_tasks: bool = option(
-        False,
-        "run a meta-batch's tasks together under torch.func.vmap (rules only; the same "
-        "meta-gradient up to float round-off)",
-    )
+    vmap_tasks: bool = vmap_tasks_option(False)
     inner_lr: float = option(0.01, "inner gradient-descent step size")
     steps: int = option(5, "inner steps K during meta-training", minimum=1)
     eval_every: int = option(100, "evaluate every this many meta-steps (0: only at the end)")

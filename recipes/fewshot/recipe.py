@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from recipes.common.compare import Evaluation, compare, parse_methods
-from recipes.common.config import option, parse_config
+from recipes.common.config import option, parse_config, vmap_tasks_option
 from recipes.common.env import cpu_threads, resolve_device, resolve_dtype, seed_everything
 from recipes.common.inner import InnerConfig, InnerParams, inner_options
 from recipes.common.methods import Method
@@ -101,10 +101,8 @@ class FewshotConfig(InnerConfig):
     test_tasks: int = option(600, "fixed meta-test episodes of the final test")
     test_steps: int = option(10, "adaptation steps at meta-val / meta-test time")
     eval_chunk: int = option(25, "episodes adapted together in evaluation", volatile=True)
-    vmap_tasks: bool = option(
-        False,
-        "run a meta-batch's tasks (and evaluation's episodes) together under torch.func.vmap "
-        "(measured 1.4-8x slower than the loop for conv4 on a 2-core CPU; try it on a GPU)",
+    vmap_tasks: bool = vmap_tasks_option(
+        False, "evaluation's episodes too; 1.4-8x slower than the loop for conv4 on a 2-core CPU"
     )
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from recipes.common.compare import Evaluation, StepsCurve, compare, parse_methods
-from recipes.common.config import TrainConfig, option, parse_config
+from recipes.common.config import TrainConfig, option, parse_config, vmap_tasks_option
 from recipes.common.env import cpu_threads, resolve_device, resolve_dtype
 from recipes.common.methods import Method
 from recipes.common.runner import Callback, RunResult
@@ -70,12 +70,7 @@ class Regression2DConfig(TrainConfig):
     val_shots: int = option(0, "validation examples per task (0: from --setting)")
     steps: int = option(0, "inner GD steps of the long-horizon methods (0: from --setting)")
     maml_steps: int = option(0, "inner GD steps of MAML (exact) (0: from --setting)")
-    vmap_tasks: bool = option(
-        True,
-        "run a meta-batch's tasks together under torch.func.vmap (the same meta-gradient up to "
-        "float round-off; methods that cannot, reptile and flow=, run the loop; "
-        "benchmarks/results_tasks_cpu.md has the speed-up)",
-    )
+    vmap_tasks: bool = vmap_tasks_option(True, "benchmarks/results_tasks_cpu.md: the speed-up")
     methods: tuple[str, ...] = option(
         (), "methods to compare, name[:key=value,...] (empty: the paper's six)"
     )

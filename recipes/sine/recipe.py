@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from recipes.common.compare import Evaluation, check_study, compare, parse_methods
-from recipes.common.config import config_dict, option, parse_config
+from recipes.common.config import config_dict, option, parse_config, vmap_tasks_option
 from recipes.common.env import cpu_threads, resolve_device, resolve_dtype
 from recipes.common.inner import InnerConfig, InnerParams, check_method
 from recipes.common.methods import Method, parse_method
@@ -101,12 +101,7 @@ class SineConfig(InnerConfig):
         70000, "train: outer steps; a resumed run may extend it", volatile=True
     )
     meta_batch: int = option(25, "train: tasks per meta-batch")
-    vmap_tasks: bool = option(
-        True,
-        "run a meta-batch's tasks together under torch.func.vmap (the same meta-gradient up to "
-        "float round-off; methods that cannot, reptile and flow=, run the loop; "
-        "benchmarks/results_tasks_cpu.md has the speed-up)",
-    )
+    vmap_tasks: bool = vmap_tasks_option(True, "benchmarks/results_tasks_cpu.md: the speed-up")
     steps: int = option(5, "train: inner steps K", minimum=1)
     eval_every: int = option(1000, "train: evaluate every this many meta-steps")
     checkpoint_every: int = option(
