@@ -126,3 +126,34 @@ def test_kept_graphs_live_as_long_as_autograd_keeps_the_node():
     assert _rel(list(second), list(first)) == 0.0
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         torch.autograd.grad(outer, list(params.values()))
+
+
+def test_numpy_integer_and_a_batch_modified_in_place():
+    """A numpy ``m`` works as an int; a batch changed in place before the backward gets the
+    library's message (as with ``Exact()``), not autograd's version-counter error."""
+    import numpy as np
+
+    net, x, y = _problem()
+    params = dict(net.named_parameters())
+
+    def loss(p, b):  # type: ignore[no-untyped-def]
+        return ((functional_call(net, p, (b[0],)) - b[1]) ** 2).mean()
+
+    rule = tmg.Exact(keep_graphs=np.int64(2))
+    assert type(rule.keep_graphs) is int
+    got = torch.autograd.grad(
+        loss(tmg.adapt(loss, params, (x, y), steps=4, lr=0.05, rule=rule), (x * 0.5, y)),
+        list(params.values()),
+    )
+    ref = _grads_at(loss, params, (x, y), tmg.Unrolled())
+    assert _rel(list(got), ref) < 1e-12
+    x = x.clone()
+    out = tmg.adapt(loss, params, (x, y), steps=3, lr=0.05, rule=tmg.Exact(keep_graphs=1))
+    x.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place after the inner loop ran"):
+        torch.autograd.grad(loss(out, (x.clone(), y)), list(params.values()))
+
+
+def _grads_at(loss, params, batch, rule):  # type: ignore[no-untyped-def]
+    out = tmg.adapt(loss, params, batch, steps=4, lr=0.05, rule=rule)
+    return list(torch.autograd.grad(loss(out, (batch[0] * 0.5, batch[1])), list(params.values())))

@@ -168,3 +168,65 @@ def test_warm_start_at_the_solution_is_not_far_from_stationary() -> None:
         with tmg.diagnostics.collect() as reports:
             torch.autograd.grad(solver(x_star.clone(), a).sum(), a)
     assert reports[0].info.stationarity < 1e-6
+
+
+# --- session 5 review: a loss linear in the params; torch.inference_mode() -------------
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [tmg.Exact(), tmg.Exact(keep_graphs=2), tmg.Exact(snapshots=2), tmg.Binomial(2),
+     tmg.Truncated(1), tmg.FirstOrder(), tmg.ImplicitCG(1.0)],
+    ids=repr,
+)  # fmt: skip
+@pytest.mark.parametrize("lr_kind", ["float", "learned", "adam"])
+def test_a_loss_linear_in_the_params_equals_unrolled(rule, lr_kind):
+    """Its gradient is a constant (no graph): every rule used to fail with autograd's
+    'element 0 of tensors does not require grad'; a step's Jacobian is the identity."""
+    import torchopt
+
+    d = torch.float64
+    w = torch.randn(3, dtype=d, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    c = torch.tensor([0.5, -1.0, 2.0], dtype=d)
+    lr = torch.tensor(0.1, dtype=d, requires_grad=True)
+    if isinstance(rule, tmg.ImplicitCG) and lr_kind != "float":
+        pytest.skip("implicit rules take plain descent without a learned lr")
+    kw = {"float": {"lr": 0.1}, "learned": {"lr": lr}, "adam": {"optimizer": torchopt.adam(0.1)}}
+
+    def grads(r):  # type: ignore[no-untyped-def]
+        out = tmg.adapt(lambda p, b: (p["w"] * b).sum(), {"w": w}, c, steps=3, rule=r,
+                        **kw[lr_kind])  # fmt: skip
+        leaves = [w, lr] if lr_kind == "learned" else [w]
+        outer = ((out["w"] - 1) ** 2).sum()
+        return torch.autograd.grad(outer, leaves), 2 * (out["w"].detach() - 1)
+
+    if isinstance(rule, tmg.ImplicitCG):  # H = 0: (I + H/reg)^{-1} g is g itself
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", tmg.SolverWarning)  # 3 steps: not stationary
+            (got,), g = grads(rule)
+        torch.testing.assert_close(got, g, rtol=1e-12, atol=1e-14)
+        return
+    ref, _ = grads(tmg.Unrolled())
+    for a, b in zip(grads(rule)[0], ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_inference_mode_is_refused_with_a_message_naming_it():
+    net = torch.nn.Linear(3, 1).double()
+    params = dict(net.named_parameters())
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def loss(p, b):  # type: ignore[no-untyped-def]
+        return (torch.func.functional_call(net, p, (b,)) ** 2).mean()
+
+    calls = [
+        lambda: tmg.adapt(loss, params, x, steps=2, lr=0.1, rule=tmg.Exact()),
+        lambda: tmg.adapt(loss, params, x, steps=2, lr=0.1, rule=tmg.Unrolled()),
+        lambda: tmg.flow(loss, params, x, T=0.1, rule=tmg.Adjoint()),
+        lambda: tmg.MetaSGD(net, lr=0.1, rule=tmg.Exact()).step(lambda: (net(x) ** 2).mean()),
+    ]
+    for call in calls:
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+            call()
+    with torch.no_grad():  # allowed: the inner loop turns gradients on for its steps
+        tmg.adapt(loss, params, x, steps=2, lr=0.1, rule=tmg.Exact())

@@ -29,6 +29,7 @@ from torchopt_metagrad._core.checks import (
     check_params,
     check_positive,
     not_using_params,
+    refuse_inference_mode,
 )
 from torchopt_metagrad._core.closed import closed_meta
 from torchopt_metagrad._core.flat import FlatSpec
@@ -329,6 +330,7 @@ def _check_start(loss: StepLoss, theta: Tensor) -> None:
     """The inner loss at the flow's start: a real scalar that depends on the params it is
     given, finite with a finite gradient (an ODE solver would otherwise fail with its own
     message, or, on an empty batch whose gradient is zero, return the params unchanged)."""
+    refuse_inference_mode("tmg.flow")
     with torch.enable_grad():
         leaf = theta.detach().requires_grad_(True)
         value = check_loss(loss.evaluate(leaf, record=False, watch=False), 0)

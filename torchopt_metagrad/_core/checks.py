@@ -279,3 +279,13 @@ NON_FINITE_CAUSES = (
     "a NaN or inf in the batch or the params, an empty batch (the mean of no entries is "
     "NaN), or an inner loop that diverges (lower lr)"
 )
+
+
+def refuse_inference_mode(what: str) -> None:
+    """Raise when called under ``torch.inference_mode()`` (no gradient can be taken)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{what}: the inner loop takes gradients, which torch.inference_mode() "
+            "forbids; adapt outside it (torch.no_grad() around the outer evaluation is "
+            "fine: the inner loop turns gradients back on for its own steps)"
+        )

@@ -53,10 +53,17 @@ def vjp_increment(
         z = z.detach().requires_grad_(True)
         params = z[:param_dim]
         (grad,) = torch.autograd.grad(loss(params), params, create_graph=True)
-        (out,) = torch.autograd.grad(
-            delta(z, grad), z, v, allow_unused=True, materialize_grads=True
-        )
+        (out,) = vjp(delta(z, grad), (z,), v)
     return out.detach()
+
+
+def vjp(out: Tensor, inputs: tuple[Tensor, ...], v: Tensor, **kwargs: Any) -> tuple[Tensor, ...]:
+    """``torch.autograd.grad(out, inputs, v)``, zeros for inputs ``out`` does not use, and
+    all zeros when ``out`` has no graph at all (a step of a loss linear in the params
+    with plain descent: its gradient is a constant, the step's Jacobian the identity)."""
+    if not out.requires_grad:
+        return tuple(torch.zeros_like(t) for t in inputs)
+    return torch.autograd.grad(out, inputs, v, allow_unused=True, materialize_grads=True, **kwargs)
 
 
 def hvp(loss: Callable[[Tensor], Tensor], params: Tensor, v: Tensor) -> Tensor:
@@ -149,14 +156,7 @@ def pullback(
         inputs = ((z,) if want_state else ()) + w_step + w_loss + meta.closed
         # The loss may reach closed-over leaves through tensors computed outside it (a
         # body's features): keep those graphs for the outer backward.
-        out = torch.autograd.grad(
-            delta(z, grad, w_step),
-            inputs,
-            v,
-            allow_unused=True,
-            materialize_grads=True,
-            retain_graph=bool(meta.closed),
-        )
+        out = vjp(delta(z, grad, w_step), inputs, v, retain_graph=bool(meta.closed))
     grads = [g.detach() for g in out]
     return (grads.pop(0) if want_state else None), grads
 

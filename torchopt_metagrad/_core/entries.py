@@ -50,10 +50,17 @@ class Kept:
     #: leaf copies through which the loss's meta-parameters (``Meta.loss``) entered the
     #: kept graph, in order (``tmg.adapt``; empty for the module front end).
     loss_meta: tuple[Tensor, ...] = ()
+    #: the step's loss (``tmg.adapt``'s kept steps): checked for a batch modified in place
+    #: before a product, as a snapshot's is, so the error says what happened.
+    source: StepLoss | None = None
 
     @property
     def inputs(self) -> tuple[Tensor, ...]:
         return self.params if self.state is None else (*self.params, self.state)
+
+    def check_unchanged(self) -> None:
+        if self.source is not None:
+            self.source.check_unchanged()
 
     def tensors(self) -> list[Tensor]:
         """Every tensor of the step, in the order :meth:`refilled` takes them back."""

@@ -35,6 +35,7 @@ from torchopt_metagrad._core.checks import (
     check_loss,
     ensure_finite,
     not_using_params,
+    refuse_inference_mode,
 )
 from torchopt_metagrad._core.closed import closed_over, describe, reaches
 from torchopt_metagrad._core.engine import Meta
@@ -77,6 +78,7 @@ class InnerLoop:
         loss_meta: tuple[Tensor, ...] = (),
         rule_name: str = "the rule",
     ) -> None:
+        refuse_inference_mode(what)
         self.spec = spec
         self.step_map = step_map
         self.unrolled = unrolled
@@ -216,11 +218,12 @@ class InnerLoop:
             self._check_no_new_closed(value, [leaf, *(stand_ins or ())], k)
         entry: Snapshot | Kept | None = None
         if keep:
-            state = self.z[P:].detach().clone().requires_grad_(True) if self.z.numel() > P else None
+            # a view like ``leaf``: the step keeps one z_k (not z_k plus a copy of its state)
+            state = self.z[P:].detach().requires_grad_(True) if self.z.numel() > P else None
             used = tuple(
                 s for s, t in zip(stand_ins or (), loss.meta, strict=True) if t.requires_grad
             )
-            entry = Kept((leaf,), (grad,), state, self.aux, flat=True, loss_meta=used)
+            entry = Kept((leaf,), (grad,), state, self.aux, flat=True, loss_meta=used, source=loss)
             grad = grad.detach()
         elif store:
             entry = Snapshot(self._keep(k), self.aux, loss)

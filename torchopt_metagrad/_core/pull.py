@@ -50,6 +50,8 @@ def pull(out: list[Tensor] | tuple[Tensor, ...], inputs: tuple[Tensor, ...], v: 
 def pull_list(
     out: list[Tensor] | tuple[Tensor, ...], inputs: tuple[Tensor, ...], v: Any
 ) -> list[Tensor]:
+    if not any(t.requires_grad for t in out):  # a constant gradient: see engine.vjp
+        return [torch.zeros_like(t) for t in inputs]
     grads = torch.autograd.grad(
         out, inputs, v, retain_graph=True, allow_unused=True, materialize_grads=True
     )

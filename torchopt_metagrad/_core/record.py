@@ -212,7 +212,10 @@ class Record(MetaProducts):
             raise RuntimeError(self.released)
         if not self.first <= k < self.steps:
             raise IndexError(f"step {k} was not stored (stored: {self.first}..{self.steps - 1})")
-        return self.entries[k - self.first]
+        entry = self.entries[k - self.first]
+        if isinstance(entry, Kept):  # (a snapshot's loss checks when it is replayed)
+            entry.check_unchanged()
+        return entry
 
     def snapshot(self, k: int) -> Tensor:
         if k == self.steps:

@@ -124,8 +124,9 @@ class Exact(StepProductRule):
 
     ``keep_graphs=m`` goes the other way: the last ``m`` steps keep their inner
     gradient's graph from the forward (``create_graph=True``), so the backward rebuilds
-    ``K - m`` step graphs instead of ``K``: less time, ``m`` step graphs more memory
-    (``m = K`` is unrolled backprop's memory; ``tmg.adapt`` only). The tasks of a
+    ``K - m`` step graphs instead of ``K``: less time, ``m`` step graphs (each with its
+    gradient vector) more memory (``m = K`` holds about what unrolled backprop holds;
+    ``tmg.adapt`` only). The tasks of a
     meta-batch then run one after another (their graphs cannot be kept under vmap).
     Same result.
 
@@ -138,9 +139,12 @@ class Exact(StepProductRule):
     keep_graphs: int = 0
 
     def __post_init__(self) -> None:
+        # stored as plain ints (a numpy integer would turn comparisons into numpy bools)
         if self.snapshots is not None:
-            check_int(self.snapshots, "snapshots", minimum=1)
-        check_int(self.keep_graphs, "keep_graphs", minimum=0)
+            object.__setattr__(self, "snapshots", check_int(self.snapshots, "snapshots", minimum=1))
+        object.__setattr__(
+            self, "keep_graphs", check_int(self.keep_graphs, "keep_graphs", minimum=0)
+        )
         if self.snapshots is not None and self.keep_graphs:
             raise ValueError(
                 "Exact: snapshots= (less memory, more time) and keep_graphs= (more memory, "
