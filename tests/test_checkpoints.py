@@ -149,3 +149,32 @@ def test_checkpoints_need_a_known_horizon():
         tmg.Exact(snapshots=0)
     with pytest.raises(TypeError, match="snapshots must be an int"):
         tmg.Exact(snapshots=2.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_recomputed_states_are_the_forwards_bit_for_bit(dtype):
+    """Every state the backward evaluates the inner loss at (recomputed between checkpoints
+    or rebuilt for a product) is one the forward visited, bit for bit. A segment used to
+    start from the stored row of the snapshot block, where (d odd, float32) the CPU
+    kernels can sum in another order than at the forward's fresh state: the recomputed
+    states drifted, 4.5e-4 of the meta-gradient after 10,000 steps of the sine MLP."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
+                        nn.Linear(40, 1)).to(dtype)  # fmt: skip
+    params = dict(net.named_parameters())
+    assert sum(p.numel() for p in params.values()) % 2 == 1  # rows at odd offsets
+    x = torch.linspace(-5, 5, 10, dtype=dtype).reshape(-1, 1)
+    seen: list[set[bytes]] = [set(), set()]
+    phase = [0]
+
+    def loss(p, b):  # type: ignore[no-untyped-def]
+        flat = torch.cat([t.detach().reshape(-1) for t in p.values()])
+        seen[phase[0]].add(flat.numpy().tobytes())
+        return ((functional_call(net, p, (b[0],)) - b[1]) ** 2).mean()
+
+    out = tmg.adapt(loss, params, (x, torch.sin(x)), steps=60, lr=1e-2,
+                    rule=tmg.Exact(snapshots=6))  # fmt: skip
+    phase[0] = 1
+    torch.autograd.grad(((functional_call(net, out, (x,)) - 1) ** 2).mean(), list(params.values()))
+    assert len(seen[0]) == 60 and len(seen[1]) == 60
+    assert seen[1] == seen[0]
