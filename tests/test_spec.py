@@ -179,7 +179,7 @@ def test_rule_knobs_are_the_dataclass_fields_with_their_types():
         "x0": Literal["zero", "rhs"],
         "inner_tol": float | None,
     }
-    assert tmg.rule_knobs("exact") == {"snapshots": int | None}
+    assert tmg.rule_knobs("exact") == {"snapshots": int | None, "keep_graphs": int}
     assert tmg.rule_knobs("first_order") == {}
 
 
