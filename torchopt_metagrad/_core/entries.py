@@ -60,7 +60,7 @@ class Kept:
 
     def check_unchanged(self) -> None:
         if self.source is not None:
-            self.source.check_unchanged()
+            self.source.check_replayable()
 
     def tensors(self) -> list[Tensor]:
         """Every tensor of the step, in the order :meth:`refilled` takes them back."""

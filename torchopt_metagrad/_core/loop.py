@@ -106,7 +106,8 @@ class InnerLoop:
         self.first = 0
         self.entries: list[Snapshot | Kept | None] = []
         self.last_loss: StepLoss | None = None
-        self._mutates: bool | None = None
+        self._mutates: bool | None = None  # (and _reads_back) from the first step's watch
+        self._reads_back: str | None = None
 
     def first_needed(self, n: int) -> int:
         """First step a meta-gradient after ``n`` steps uses."""
@@ -200,15 +201,17 @@ class InnerLoop:
                 leaf, record=not self.unrolled, watch=self._mutates is None, meta=stand_ins
             )
             if self._mutates is None:
-                self._mutates = loss.mutates
-            loss.mutates = self._mutates
+                self._mutates, self._reads_back = loss.mutates, loss.reads_back
+            loss.mutates, loss.reads_back = self._mutates, self._reads_back
             value = check_loss(value, k, what or self.what)
             try:
                 (grad,) = torch.autograd.grad(value, leaf, create_graph=self.unrolled or keep)
-            except RuntimeError:
+            except RuntimeError as err:
                 # walk the graph only when autograd failed: no cost on the happy path
                 if not reaches(value, [leaf]):
                     raise ValueError(not_using_params(what or self.what, k)) from None
+                if loss.reads_back is not None:  # autograd's in-place error, explained
+                    raise loss.read_back_error() from err
                 raise
         check_inner_finite(value.detach(), grad.detach(), k)
         if k == 0:

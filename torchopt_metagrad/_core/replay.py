@@ -14,10 +14,12 @@ change the trained model). :class:`StepLoss` handles both:
   (schema-annotated writes such as ``add_``, and batch norm's running statistics, which
   ``native_batch_norm`` updates without an annotation); if any, every replay runs under
   :class:`_Shield`, which redirects those writes to copies, so the tensors stay exactly
-  as the forward left them. Assumption (as for batch norm): the loss does not read back,
-  in a later call, what it wrote. The watch runs on the first step only (its Python cost
-  per op is paid once); a loss that starts writing to buffers only at a later step is
-  not detected.
+  as the forward left them. Assumption (as for batch norm): the loss does not read back
+  what it wrote; the watch checks it within the first step (a written tensor that
+  another op reads), and a replay of such a loss raises instead of returning a number
+  computed with other values than the forward's. The watch runs on the first step only
+  (its Python cost per op is paid once); a loss that starts writing to buffers only at a
+  later step is not detected.
 
 A replay that needs either cannot be batched with ``vmap`` (each row would need its own
 RNG state); records then loop over the products.
@@ -77,6 +79,7 @@ class StepLoss:
         "fn",
         "meta",
         "mutates",
+        "reads_back",
     )
 
     def __init__(
@@ -92,6 +95,8 @@ class StepLoss:
         self.batchable = batchable
         self.meta = meta
         self.mutates = False
+        #: what the loss both updates in place and reads (found by the first step's watch)
+        self.reads_back: str | None = None
         self._versions: list[tuple[Tensor, int]] = []
         self._rng: Tensor | None = None
         self._cuda_rng: Tensor | None = None
@@ -130,6 +135,7 @@ class StepLoss:
             with _Watch() as w:
                 loss = self.fn(params, self.batch, meta)
             self.mutates = w.found
+            self.reads_back = w.read_back()
         else:
             loss = self.fn(params, self.batch, meta)
         self._versions = [(t, t._version) for t in tree_leaves(self.batch) if isinstance(t, Tensor)]
@@ -156,10 +162,29 @@ class StepLoss:
                     "the new values. Modify a copy, or run the outer backward first"
                 )
 
+    def check_replayable(self) -> None:
+        """Raise if a replay could not give the forward's value: the loss reads back what it
+        updates in place, or a tensor of the batch was modified in place since."""
+        if self.reads_back is not None:
+            raise self.read_back_error()
+        self.check_unchanged()
+
+    def read_back_error(self) -> RuntimeError:
+        """The error for a loss that updates a tensor in place and also reads it."""
+        return RuntimeError(
+            f"the inner loss updates {self.reads_back} in place and also reads it (a "
+            "running statistic used in its output, e.g. an EMA-normalization layer in "
+            "training mode), so a rule that recomputes a step cannot see what the forward "
+            "saw and would return a wrong meta-gradient (and autograd refuses a value it "
+            "saved that was changed in place since). Make the update out of place, keep "
+            "the statistic fixed during the inner loop (eval mode), or, if the loss writes "
+            "it before it reads it, use tmg.FirstOrder(), which recomputes nothing"
+        )
+
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:
         """Context of a replay (RNG state restored, in-place writes shielded)."""
-        self.check_unchanged()
+        self.check_replayable()
         with contextlib.ExitStack() as stack:
             if self._rng is not None:
                 cuda = self._cuda_rng is not None
@@ -217,15 +242,39 @@ class _Guard(TorchDispatchMode):
 
 
 class _Watch(_Guard):
-    """Runs ops unchanged; ``found`` becomes True at an in-place write to an outside tensor."""
+    """Runs ops unchanged; ``found`` becomes True at an in-place write to an outside tensor;
+    :meth:`read_back` names an outside tensor that is written and also read by another op
+    (``.item()`` reads excepted: batch norm with ``momentum=None`` reads its counter so)."""
 
     found = False
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._writes: dict[int, Tensor] = {}
+        self._reads: set[int] = set()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._external_writes(func, args, kwargs):
+        written = self._external_writes(func, args, kwargs)
+        if written:
             self.found = True
-        return self._note(func(*args, **kwargs))
+        mine = {id(t) for _, _, t in written}
+        for _, _, t in written:
+            self._writes[t.untyped_storage().data_ptr()] = t
+        if func is not torch.ops.aten._local_scalar_dense.default:
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, Tensor) and id(t) not in mine:
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr not in self._made:
+                        self._reads.add(ptr)
+        out = self._note(func(*args, **kwargs))
+        self._made.difference_update(self._writes)  # an in-place op returns its outside input
+        return out
+
+    def read_back(self) -> str | None:
+        """A description of a tensor the loss both updates in place and reads, or ``None``."""
+        both = [t for ptr, t in self._writes.items() if ptr in self._reads]
+        return None if not both else f"a tensor of shape {tuple(both[0].shape)}"
 
 
 class _Shield(_Guard):
