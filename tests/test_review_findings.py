@@ -296,3 +296,25 @@ def test_batch_norm_is_not_taken_for_a_loss_that_reads_back(momentum):
         net.load_state_dict(state)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_buffer_overwritten_then_read_is_refused_not_replayed_wrong():
+    """``buf.copy_(x)`` then ``net(buf)``: the shield's replay would read the buffer as the
+    forward left it (the last step's batch), not the copy (measured: Exact 0.056 off in
+    absolute terms while FirstOrder and Truncated(1) happened to be right). Refused, as any
+    outside tensor that the loss both writes and reads."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 1)).double()  # fmt: skip
+    params = dict(net.named_parameters())
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    buf = torch.zeros(16, 3, dtype=torch.float64)
+
+    def through_buffer(p, b):  # type: ignore[no-untyped-def]
+        buf.copy_(b[0])
+        return ((torch.func.functional_call(net, p, (buf,)) - b[1]) ** 2).mean()
+
+    batches = [(x + k, y) for k in range(3)]
+    out = tmg.adapt(through_buffer, params, batches=batches, steps=3, lr=0.05, rule=tmg.Exact())
+    with pytest.raises(RuntimeError, match=r"updates a tensor of shape \(16, 3\) in place"):
+        torch.autograd.grad(((out["2.bias"] - 1) ** 2).sum(), list(params.values()))
