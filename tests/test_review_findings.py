@@ -232,6 +232,34 @@ def test_inference_mode_is_refused_with_a_message_naming_it():
         tmg.adapt(loss, params, x, steps=2, lr=0.1, rule=tmg.Exact())
 
 
+class _ItemScale(torch.nn.Module):
+    """Scales its input by a float statistic it updates in place and reads by ``.item()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("s", torch.ones((), dtype=torch.float64))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.s.mul_(0.9).add_(0.1 * h.detach().abs().mean())
+        return h * self.s.item()
+
+
+def test_a_float_statistic_read_by_item_is_refused_too():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), _ItemScale(), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 1)).double()  # fmt: skip
+    params = dict(net.named_parameters())
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+
+    def loss(p, b):  # type: ignore[no-untyped-def]
+        return ((torch.func.functional_call(net, p, (b[0],)) - b[1]) ** 2).mean()
+
+    out = tmg.adapt(loss, params, (x, y), steps=3, lr=0.05, rule=tmg.Exact())
+    with pytest.raises(RuntimeError, match=r"updates a tensor of shape \(\) in place"):
+        torch.autograd.grad(loss(out, (x, y)), list(params.values()))
+
+
 class _RunningScale(torch.nn.Module):
     """Scales its input by a running statistic it updates in place (and so reads back)."""
 

@@ -244,7 +244,8 @@ class _Guard(TorchDispatchMode):
 class _Watch(_Guard):
     """Runs ops unchanged; ``found`` becomes True at an in-place write to an outside tensor;
     :meth:`read_back` names an outside tensor that is written and also read by another op
-    (``.item()`` reads excepted: batch norm with ``momentum=None`` reads its counter so)."""
+    (``.item()`` of an integer tensor excepted: batch norm with ``momentum=None`` reads its
+    counter so, for its statistics, not its output)."""
 
     found = False
 
@@ -261,7 +262,10 @@ class _Watch(_Guard):
         mine = {id(t) for _, _, t in written}
         for _, _, t in written:
             self._writes[t.untyped_storage().data_ptr()] = t
-        if func is not torch.ops.aten._local_scalar_dense.default:
+        counter = func is torch.ops.aten._local_scalar_dense.default and not (
+            args[0].is_floating_point() or args[0].is_complex()
+        )
+        if not counter:
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, Tensor) and id(t) not in mine:
                     ptr = t.untyped_storage().data_ptr()
