@@ -58,7 +58,8 @@ class Kept:
     def inputs(self) -> tuple[Tensor, ...]:
         return self.params if self.state is None else (*self.params, self.state)
 
-    def check_unchanged(self) -> None:
+    def check_replayable(self) -> None:
+        """:meth:`StepLoss.check_replayable` of the step's loss (``tmg.adapt``'s steps)."""
         if self.source is not None:
             self.source.check_replayable()
 

@@ -214,7 +214,7 @@ class Record(MetaProducts):
             raise IndexError(f"step {k} was not stored (stored: {self.first}..{self.steps - 1})")
         entry = self.entries[k - self.first]
         if isinstance(entry, Kept):  # (a snapshot's loss checks when it is replayed)
-            entry.check_unchanged()
+            entry.check_replayable()
         return entry
 
     def snapshot(self, k: int) -> Tensor:
